@@ -1,0 +1,1 @@
+"""The ZeroMQ broker: load-balances requests from gateways across workers by credits."""

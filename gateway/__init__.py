@@ -1,0 +1,1 @@
+"""The WebSocket gateway: the browser protocol, HTTP (web/, /health, /metrics)."""

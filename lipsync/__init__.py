@@ -1,0 +1,1 @@
+"""Command-line entry points and orchestration (`lipsync up`, `lipsync bench`)."""

@@ -1,0 +1,200 @@
+"""The ``lipsync`` console script: one subcommand per process or tool (DESIGN.md section 2).
+
+Subcommand modules are imported only when chosen, so ``lipsync broker`` and
+``lipsync gateway`` never import torch or OpenCV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+__all__ = ["main"]
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from broker.server import run
+    from shared.config import BrokerConfig, from_env
+
+    return run(
+        from_env(
+            BrokerConfig,
+            frontend=args.frontend,
+            backend=args.backend,
+            queue_limit=args.queue_limit,
+            curve_secret_file=args.curve_secret_file,
+            log_level=args.log_level,
+        )
+    )
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from shared.config import WorkerConfig, from_env
+    from workers.main import run
+
+    return run(
+        from_env(
+            WorkerConfig,
+            broker=args.broker,
+            models_dir=args.models_dir,
+            models=args.models,
+            device=args.device,
+            backend=args.backend,
+            max_batch=args.max_batch,
+            max_delay_ms=args.max_delay_ms,
+            capacity=args.capacity,
+            fp16=args.fp16,
+            null_delay_ms=args.null_delay_ms,
+            threads=args.threads,
+            worker_id=args.worker_id,
+            curve_server_key=args.curve_server_key,
+            log_level=args.log_level,
+        )
+    )
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway.server import run
+    from shared.config import GatewayConfig, from_env
+
+    return run(
+        from_env(
+            GatewayConfig,
+            broker=args.broker,
+            host=args.host,
+            port=args.port,
+            web_dir=args.web_dir,
+            allowed_origins=args.allowed_origins,
+            max_in_flight=args.max_in_flight,
+            log_level=args.log_level,
+        )
+    )
+
+
+def _make_package(args: argparse.Namespace) -> int:
+    from workers.make_package import make_package
+
+    width, _, height = args.size.partition("x")
+    path = make_package(
+        args.dir,
+        name=args.name,
+        frames=args.frames,
+        size=(int(width), int(height)),
+        width=args.width,
+        seed=args.seed,
+    )
+    print(path)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from lipsync.up import run
+
+    return run(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from lipsync.up import status
+
+    return status(args)
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from lipsync.up import scale
+
+    return scale(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lipsync.bench import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (LIPSYNC_LOG_LEVEL)")
+
+    p = sub.add_parser("broker", help="run the ZeroMQ broker")
+    p.add_argument("--frontend", help="bind address for gateways (default tcp://127.0.0.1:5555)")
+    p.add_argument("--backend", help="bind address for workers (default tcp://127.0.0.1:5556)")
+    p.add_argument("--queue-limit", type=int, help="pending requests per model (default 256)")
+    p.add_argument("--curve-secret-file", help="CURVE server secret key file for the backend")
+    common(p)
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("worker", help="run a worker that joins a broker")
+    p.add_argument("--broker", help="broker backend address (default tcp://127.0.0.1:5556)")
+    p.add_argument("--models-dir", help="directory of model packages (default models)")
+    p.add_argument("--models", help="comma list of packages to load (default all)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--backend", choices=["torch", "null"], help="compute backend (default torch)")
+    p.add_argument("--max-batch", type=int, help="largest batch (default 4)")
+    p.add_argument("--max-delay-ms", type=float, help="wait for a batch to fill (default 5)")
+    p.add_argument("--capacity", type=int, help="requests held at once (default 2 x max batch)")
+    p.add_argument("--fp16", action="store_true", default=None, help="half precision on CUDA")
+    p.add_argument("--null-delay-ms", type=float, help="service time of the null backend")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default torch's)")
+    p.add_argument("--worker-id", help="name shown in stats (default host:pid)")
+    p.add_argument("--curve-server-key", help="broker's public CURVE key (z85)")
+    common(p)
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("gateway", help="run the WebSocket gateway")
+    p.add_argument("--broker", help="broker frontend address (default tcp://127.0.0.1:5555)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8086)")
+    p.add_argument("--web-dir", help="static files for / (default the repo's web/)")
+    p.add_argument("--allowed-origins", help="comma list of allowed Origins")
+    p.add_argument("--max-in-flight", type=int, help="requests in flight per connection")
+    common(p)
+    p.set_defaults(func=_gateway)
+
+    p = sub.add_parser("make-package", help="write a synthetic model package")
+    p.add_argument("dir", help="models directory to write into")
+    p.add_argument("--name", default="synthetic")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", default="320x240", help="full frame WxH")
+    p.add_argument("--width", choices=["full", "half", "quarter"], default="quarter")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_package)
+
+    p = sub.add_parser("up", help="run broker + gateway + workers under supervisord")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
+    p.add_argument("--models-dir", default=None, help="packages (default ./models)")
+    p.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="gateway port (default 8086)")
+    p.add_argument("--run-dir", default=None, help="logs and sockets (default ./run)")
+    p.add_argument("--backend", choices=["torch", "null"], default=None)
+    p.set_defaults(func=_up)
+
+    p = sub.add_parser("status", help="status of a running `lipsync up`")
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("scale", help="set the number of workers of a running `lipsync up`")
+    p.add_argument("n", type=int)
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=_scale)
+
+    p = sub.add_parser("bench", help="load generator against a running gateway")
+    p.add_argument("--url", default="ws://127.0.0.1:8086/ws")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Configuration of every process, in one place.
+
+One frozen dataclass per process. Values come from keyword arguments (the CLI) or from
+``LIPSYNC_*`` environment variables; a flag wins over the variable, the variable over the
+default. README.md lists every variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+
+__all__ = ["BrokerConfig", "GatewayConfig", "WorkerConfig", "from_env"]
+
+_C = TypeVar("_C")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"  # gateways connect here (DEALER -> ROUTER)
+    backend: str = "tcp://127.0.0.1:5556"  # workers connect here
+    heartbeat_s: float = 1.0  # rule 3: every interval when idle
+    liveness: int = 3  # a peer silent for this many intervals is dead
+    queue_limit: int = 256  # per-model pending requests before answering "overloaded"
+    curve_secret_file: str = ""  # optional CURVE server key for a backend beyond loopback
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    broker: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "LIPSYNC_WORKER_BROKER"})
+    models_dir: str = "models"
+    models: str = ""  # comma list; empty = every package in models_dir
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backend: str = "torch"  # torch | null
+    max_batch: int = 4
+    max_delay_ms: float = 5.0  # how long to wait for a batch to fill
+    capacity: int = 0  # 0 = 2 x max_batch
+    fp16: bool = False  # half precision on CUDA (ignored on CPU)
+    null_delay_ms: float = 0.0  # service time of the null backend
+    null_jpeg_bytes: int = 20_000  # size of the null backend's fixed JPEG
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    jpeg_quality: int = 85
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    worker_id: str = ""  # empty = host:pid
+    curve_server_key: str = ""  # broker's public CURVE key (z85) when it uses CURVE
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    broker: str = field(default="tcp://127.0.0.1:5555", metadata={"env": "LIPSYNC_GATEWAY_BROKER"})
+    host: str = "127.0.0.1"
+    port: int = 8086
+    web_dir: str = ""  # empty = the repo's web/ next to the gateway package
+    token: str = ""  # LIPSYNC_TOKEN: when set, every connection must present it
+    allowed_origins: str = ""  # comma list; empty = same origin and localhost
+    max_message_bytes: int = 1 << 20
+    max_in_flight: int = 32  # per connection
+    max_send_queue: int = 64  # undelivered frames per connection before dropping the oldest
+    request_timeout_ms: int = 2000  # default deadline of an infer request
+    ping_interval_s: float = 20.0
+    log_level: str = "INFO"
+
+
+def from_env(cls: type[_C], env: Mapping[str, str] | None = None, **overrides: Any) -> _C:
+    """Build ``cls`` from ``LIPSYNC_<FIELD>`` variables, then apply non-None overrides.
+
+    ``LIPSYNC_TOKEN`` etc. are shared by name across processes on purpose: one environment
+    configures a whole deployment. A field whose meaning differs per process (the broker
+    address a gateway or a worker dials) names its own variable in its metadata.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        raw = env.get(f.metadata.get("env", f"LIPSYNC_{f.name.upper()}"))
+        if raw is not None and raw != "":
+            values[f.name] = _convert(raw, type(f.default), f.name)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def _convert(raw: str, kind: type, name: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"LIPSYNC_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None

@@ -1,0 +1,42 @@
+"""Error codes that cross process boundaries, and the one exception type that carries them.
+
+A code is a short stable string (it travels in msgpack headers, JSON answers and metrics
+labels); the message is for humans. Every process answers bad input with one of these codes
+instead of crashing or staying silent.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+__all__ = ["ErrorCode", "ServiceError"]
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"  # malformed or out-of-limits input
+    UNKNOWN_MODEL = "unknown_model"  # no worker holds that model
+    FRAME_OUT_OF_RANGE = "frame_out_of_range"
+    UNKNOWN_VIDEO = "unknown_video"
+    AUDIO_UNSUPPORTED = "audio_unsupported"  # package has no audio encoder
+    OVERLOADED = "overloaded"  # a bounded queue is full: retry later
+    TOO_MANY_IN_FLIGHT = "too_many_in_flight"  # per-connection pipelining limit
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    WORKER_LOST = "worker_lost"  # the worker died and no retry was possible
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    UNAUTHORIZED = "unauthorized"
+    CANCELLED = "cancelled"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class ServiceError(Exception):
+    """An error with a wire code. ``str(err)`` is the human message."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ServiceError({self.code.value!r}, {self.message!r})"
