@@ -20,8 +20,11 @@ _C = TypeVar("_C")
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"  # gateways connect here (DEALER -> ROUTER)
-    backend: str = "tcp://127.0.0.1:5556"  # workers connect here
+    # gateways connect to the frontend (DEALER -> ROUTER), workers to the backend
+    frontend: str = field(
+        default="tcp://127.0.0.1:5555", metadata={"env": "LIPSYNC_BROKER_FRONTEND"}
+    )
+    backend: str = field(default="tcp://127.0.0.1:5556", metadata={"env": "LIPSYNC_BROKER_BACKEND"})
     heartbeat_s: float = 1.0  # rule 3: every interval when idle
     liveness: int = 3  # a peer silent for this many intervals is dead
     queue_limit: int = 256  # per-model pending requests before answering "overloaded"
