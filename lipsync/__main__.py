@@ -1,3 +1,4 @@
 from lipsync.cli import main
 
+
 raise SystemExit(main())

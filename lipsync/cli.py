@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="gateway port (default 8086)")
     p.add_argument("--run-dir", default=None, help="logs and sockets (default ./run)")
     p.add_argument("--backend", choices=["torch", "null"], default=None)
+    p.add_argument("--print-env", action="store_true", help="print the variables and exit")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("status", help="status of a running `lipsync up`")

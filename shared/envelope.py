@@ -112,7 +112,9 @@ class _Header:
                     not isinstance(value, expected)
                     or (isinstance(value, bool) and bool not in _as_tuple(expected))
                 ):
-                    raise EnvelopeError(f"{cls.KIND.name.lower()} header field {f.name!r}: bad type")
+                    raise EnvelopeError(
+                        f"{cls.KIND.name.lower()} header field {f.name!r}: bad type"
+                    )
                 kwargs[f.name] = value
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise EnvelopeError(f"{cls.KIND.name.lower()} header lacks {f.name!r}")
