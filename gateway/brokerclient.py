@@ -1,0 +1,338 @@
+"""Asyncio client of the broker's frontend: one DEALER socket, many requests in flight.
+
+Why an object rather than raw sockets in the gateway: it owns the three things every caller
+would otherwise get wrong. It matches answers to requests by id; it bounds every wait (a
+request with no answer by its ttl plus a grace fails with ``deadline_exceeded`` instead of
+hanging); and it tracks broker liveness, so that when the broker goes silent every waiting
+caller learns it at once (``broker_unavailable``) rather than each at its own timeout.
+
+Liveness (DESIGN.md section 3, rule 3): the client heartbeats the broker every interval so
+the broker knows it, and any message from the broker counts as a sign of life. After
+``liveness`` silent intervals the broker is declared dead: in-flight requests fail, new ones
+fail fast, and the socket is kept (ZeroMQ reconnects by itself) until the broker speaks
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shared.envelope import (
+    Cancel,
+    EnvelopeError,
+    Error,
+    Header,
+    Heartbeat,
+    Reply,
+    Request,
+    decode,
+    encode,
+)
+from shared.errors import ErrorCode, ServiceError
+
+
+__all__ = ["Answer", "BrokerClient"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_IN_FLIGHT = 10_000
+DEFAULT_GRACE_S = 1.0
+"""Slack after a request's ttl before the client gives up on it: the broker answers expired
+requests itself shortly after their deadline, and that answer is more informative."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """A successful answer. For ``infer`` and ``video_frame``, ``payload[0]`` is the JPEG."""
+
+    header: Reply
+    payload: list[bytes]
+
+
+class BrokerClient:
+    """Request/answer client over a ``zmq.asyncio`` DEALER.
+
+    Use from one event loop::
+
+        client = BrokerClient("tcp://127.0.0.1:5555")
+        await client.start()
+        answer = await client.request("infer", model="avatar", frame=12)
+        await client.close()
+
+    ``request`` raises ``ServiceError`` with the broker's or worker's code, or with
+    ``broker_unavailable``, ``deadline_exceeded`` or ``overloaded`` decided here.
+    Cancelling the awaiting task sends ``CANCEL`` so nobody computes an unwanted frame.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        heartbeat_s: float = 1.0,
+        liveness: int = 3,
+        context: zmq.asyncio.Context | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
+        if heartbeat_s <= 0 or liveness < 1:
+            raise ValueError("heartbeat_s must be > 0 and liveness >= 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.endpoint = endpoint
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.max_in_flight = max_in_flight
+        self.grace_s = grace_s
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        self._ids = itertools.count(1)
+        self._last_seen = 0.0  # monotonic time of the last message from the broker
+        self._alive = False
+        self._seen = asyncio.Event()
+        self._closed = False
+        self._malformed_logged_at = 0.0
+        self.counters: dict[str, int] = {
+            "sent": 0,
+            "answered": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "cancelled": 0,
+            "broker_lost": 0,
+            "unmatched": 0,  # answers for ids no longer waiting: late or duplicate
+            "malformed": 0,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, *, wait_s: float | None = None) -> None:
+        """Connect and wait (at most ``wait_s``, default liveness intervals) until the broker
+        answers a heartbeat. Returns either way: a broker that is not up yet is not an
+        error; requests fail fast with ``broker_unavailable`` until it is."""
+        if self._socket is not None:
+            raise RuntimeError("client already started")
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Only queue on a live connection: while the broker is away, a send fails at once
+        # instead of piling stale requests up for whoever comes back.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, self.max_in_flight + 1000)
+        sock.setsockopt(zmq.RCVHWM, self.max_in_flight + 1000)
+        sock.connect(self.endpoint)
+        self._socket = sock
+        self._tasks = [
+            asyncio.create_task(self._recv_loop(), name="brokerclient-recv"),
+            asyncio.create_task(self._heartbeat_loop(), name="brokerclient-heartbeat"),
+        ]
+        wait = self.heartbeat_s * self.liveness if wait_s is None else wait_s
+        deadline = time.monotonic() + wait
+        # Heartbeats sent before the TCP handshake completes are refused (IMMEDIATE), so
+        # knock more often than once an interval until the broker has seen us.
+        while not self._seen.is_set() and time.monotonic() < deadline:
+            self._send_now(encode(Heartbeat()))
+            try:
+                await asyncio.wait_for(self._seen.wait(), min(0.05, wait))
+            except TimeoutError:
+                pass
+        if not self._seen.is_set():
+            logger.warning("broker at %s not answering yet; will keep trying", self.endpoint)
+
+    async def close(self) -> None:
+        """Fail what is still waiting, stop the tasks, close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(ErrorCode.BROKER_UNAVAILABLE, "client closed")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._own_context:
+            self._context.term()
+
+    async def __aenter__(self) -> BrokerClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def broker_alive(self) -> bool:
+        """The broker spoke within the last ``liveness`` heartbeat intervals."""
+        return (
+            self._alive and time.monotonic() - self._last_seen <= self.heartbeat_s * self.liveness
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def request(
+        self,
+        op: str,
+        *,
+        model: str = "",
+        frame: int = -1,
+        opts: dict[str, Any] | None = None,
+        payload: Sequence[bytes] = (),
+        ttl_ms: int = 2000,
+    ) -> Answer:
+        """Send one request and wait for its answer.
+
+        Raises:
+            ServiceError: the error answer, or ``broker_unavailable`` (broker declared dead,
+                not connected, or client closed), ``overloaded`` (``max_in_flight``
+                reached), ``deadline_exceeded`` (no answer by ttl plus grace).
+        """
+        if self._closed or self._socket is None:
+            raise ServiceError(ErrorCode.BROKER_UNAVAILABLE, "client is not running")
+        if not self.broker_alive:
+            raise ServiceError(ErrorCode.BROKER_UNAVAILABLE, "broker unavailable")
+        if len(self._pending) >= self.max_in_flight:
+            raise ServiceError(ErrorCode.OVERLOADED, "too many requests in flight to broker")
+        rid = next(self._ids)
+        header = Request(
+            id=rid, op=op, model=model, frame=frame, ttl_ms=int(ttl_ms), opts=opts or {}
+        )
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        if not self._send_now(encode(header, payload), copy=False):
+            raise ServiceError(ErrorCode.BROKER_UNAVAILABLE, "broker not connected")
+        self._pending[rid] = future
+        self.counters["sent"] += 1
+        try:
+            async with asyncio.timeout(max(0, ttl_ms) / 1000 + self.grace_s):
+                return await future
+        except TimeoutError:
+            if self._pending.pop(rid, None) is not None:
+                self.counters["timeouts"] += 1
+                self._send_now(encode(Cancel(id=rid)))
+            raise ServiceError(ErrorCode.DEADLINE_EXCEEDED, "no answer from broker") from None
+        except asyncio.CancelledError:
+            if self._pending.pop(rid, None) is not None:
+                self.counters["cancelled"] += 1
+                self._send_now(encode(Cancel(id=rid)))
+            raise
+        finally:
+            self._pending.pop(rid, None)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _send_now(self, frames: list[Any], *, copy: bool = True) -> bool:
+        """Send without waiting. False when ZeroMQ would block (no live connection, or the
+        queue is full). Every send here is non-blocking, so pyzmq resolves it on the spot."""
+        if self._socket is None:
+            return False
+        sent = self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+        exc = sent.exception() if sent.done() else None
+        if isinstance(exc, zmq.Again):
+            return False
+        if isinstance(exc, zmq.ZMQError):
+            logger.debug("send to broker failed: %s", exc)
+            return False
+        if exc is not None:
+            raise exc
+        return True
+
+    async def _recv_loop(self) -> None:
+        assert self._socket is not None
+        sock = self._socket
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError as exc:  # socket closed under us during shutdown
+                if self._closed:
+                    return
+                logger.warning("receive from broker failed: %s", exc)
+                await asyncio.sleep(self.heartbeat_s)
+                continue
+            self._on_broker_message()
+            try:
+                message = decode(frames)
+            except EnvelopeError as exc:
+                self._malformed(str(exc))
+                continue
+            self._handle(message.header, message.payload)
+
+    def _handle(self, header: Header, payload: list[Any]) -> None:
+        if isinstance(header, Reply):
+            future = self._pending.pop(header.id, None)
+            if future is None or future.done():
+                self.counters["unmatched"] += 1
+                return
+            self.counters["answered"] += 1
+            future.set_result(Answer(header, payload))
+        elif isinstance(header, Error):
+            future = self._pending.pop(header.id, None)
+            if future is None or future.done():
+                self.counters["unmatched"] += 1
+                return
+            self.counters["errors"] += 1
+            future.set_exception(ServiceError(header.code, header.message))
+        elif isinstance(header, Heartbeat):
+            pass  # liveness already noted
+        else:
+            self._malformed(f"unexpected {header.KIND.name.lower()} from broker")
+
+    def _on_broker_message(self) -> None:
+        self._last_seen = time.monotonic()
+        if not self._alive:
+            self._alive = True
+            if self._seen.is_set():
+                logger.info("broker at %s is back", self.endpoint)
+            self._seen.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            self._send_now(encode(Heartbeat(in_flight=len(self._pending))))
+            silent = time.monotonic() - self._last_seen
+            if self._alive and silent > self.heartbeat_s * self.liveness:
+                self._alive = False
+                logger.warning(
+                    "broker at %s silent for %.1f s: failing %d requests in flight",
+                    self.endpoint,
+                    silent,
+                    len(self._pending),
+                )
+                self.counters["broker_lost"] += len(self._pending)
+                self._fail_all(ErrorCode.BROKER_UNAVAILABLE, "broker unavailable")
+
+    def _fail_all(self, code: ErrorCode, message: str) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ServiceError(code, message))
+
+    def _malformed(self, why: str) -> None:
+        self.counters["malformed"] += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at >= 10.0:
+            self._malformed_logged_at = now
+            logger.warning(
+                "malformed message from broker (%s); %d so far",
+                why,
+                self.counters["malformed"],
+            )
