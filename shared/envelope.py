@@ -185,10 +185,12 @@ class Ready(_Header):
 
 @dataclass(slots=True)
 class Heartbeat(_Header):
-    """Liveness. Workers add how much they hold so the broker can detect drift."""
+    """Liveness. Workers add how much they hold so the broker can detect drift, and their
+    own counters (``stats``: computed, expired, ...) which the broker shows in ``stats``."""
 
     KIND: ClassVar[Kind] = Kind.HEARTBEAT
     in_flight: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -226,6 +228,7 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("Ready", "backend"): str,
     ("Ready", "models"): dict,
     ("Heartbeat", "in_flight"): int,
+    ("Heartbeat", "stats"): dict,
     ("Disconnect", "reason"): str,
 }
 
