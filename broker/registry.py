@@ -1,0 +1,130 @@
+"""The workers the broker knows, their credits, and the choice of one for a request.
+
+Rule 2 (credits, not round-robin): a worker announces ``capacity`` in READY; the broker
+never holds more than that many of its requests in flight, and among the live workers that
+hold a model it picks the one with the most free credits, ties going to the least recently
+used. Credits rather than round-robin because workers differ (GPU vs CPU, batch sizes), and
+a slow worker then naturally gets less work without anyone measuring its speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from broker.requests import Pending
+
+__all__ = ["GatewayRecord", "Registry", "WorkerRecord"]
+
+
+@dataclass(eq=False, slots=True)
+class WorkerRecord:
+    """One registration of one worker connection. A worker that re-registers after being
+    declared dead gets a new record, so a stale reply can be told from a current one by
+    identity of the record, not just of the socket."""
+
+    identity: bytes  # ROUTER routing id of the worker's DEALER
+    id: str  # the worker's own name (host:pid by default)
+    capacity: int
+    host: str
+    pid: int
+    device: str
+    backend: str
+    models: dict[str, dict[str, Any]]
+    joined: float
+    last_seen: float
+    last_sent: float = 0.0
+    last_assigned: int = -1  # registry tick of the last request sent: least recently used
+    in_flight: dict[int, Pending] = field(default_factory=dict)
+    served: int = 0
+    errors: int = 0
+    reported_in_flight: int = 0  # what the worker says it holds (heartbeat)
+    counters: dict[str, Any] = field(default_factory=dict)  # the worker's own (heartbeat)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.in_flight)
+
+
+@dataclass(eq=False, slots=True)
+class GatewayRecord:
+    identity: bytes
+    last_seen: float
+    last_sent: float = 0.0
+
+
+class Registry:
+    """Live workers by routing identity, with a model -> holders index for ``choose``."""
+
+    def __init__(self) -> None:
+        self._workers: dict[bytes, WorkerRecord] = {}
+        self._holders: dict[str, list[WorkerRecord]] = {}
+        self._tick = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self) -> Iterator[WorkerRecord]:
+        return iter(list(self._workers.values()))
+
+    def get(self, identity: bytes) -> WorkerRecord | None:
+        return self._workers.get(identity)
+
+    def by_id(self, worker_id: str) -> WorkerRecord | None:
+        for record in self._workers.values():
+            if record.id == worker_id:
+                return record
+        return None
+
+    def add(self, record: WorkerRecord) -> None:
+        self._workers[record.identity] = record
+        self.reindex()
+
+    def remove(self, record: WorkerRecord) -> None:
+        if self._workers.get(record.identity) is record:
+            del self._workers[record.identity]
+            self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild the model index; call after a worker's model set changes."""
+        holders: dict[str, list[WorkerRecord]] = {}
+        for record in self._workers.values():
+            for model in record.models:
+                holders.setdefault(model, []).append(record)
+        self._holders = holders
+
+    def holders(self, model: str) -> list[WorkerRecord]:
+        return self._holders.get(model, [])
+
+    def holds(self, model: str) -> bool:
+        return model in self._holders
+
+    def models(self) -> list[str]:
+        return sorted(self._holders)
+
+    def choose(self, model: str) -> WorkerRecord | None:
+        """The holder of ``model`` with the most free credits (ties: least recently used),
+        or None when every holder is full."""
+        best: WorkerRecord | None = None
+        for record in self._holders.get(model, ()):
+            free = record.free
+            if free <= 0:
+                continue
+            if (
+                best is None
+                or free > best.free
+                or (free == best.free and record.last_assigned < best.last_assigned)
+            ):
+                best = record
+        return best
+
+    def choose_any(self) -> WorkerRecord | None:
+        """Any live worker, most free credits first (admin ops that name no worker)."""
+        return max(self._workers.values(), key=lambda r: (r.free, -r.last_assigned), default=None)
+
+    def assigned(self, record: WorkerRecord) -> None:
+        record.last_assigned = next(self._tick)
