@@ -226,7 +226,7 @@ def _map_if_valid(video: Path, target: Path, key: tuple[int, int]) -> CachedFram
     # check by name and the open would otherwise let us map a file we never checked.
     try:
         fd = os.open(target, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:  # missing, or an unusable cache dir: the caller decodes
         return None
     try:
         header = _read_header(fd)
