@@ -77,6 +77,7 @@ __all__ = [
     "parse_json_request",
     "protocol_ack_message",
     "stats_message",
+    "stream_error_message",
     "unknown_type_message",
     "valid_model_name",
     "video_frame_error_message",
@@ -265,7 +266,7 @@ class ResponseC:
     ``(x1, y1, x2, y2)`` in full-frame pixels; the image is drawn there."""
 
     frame_id: int
-    processing_time_ms: int
+    processing_time_ms: float  # rounded to a u32 on the wire
     image: bytes
     bounds: tuple[float, ...] = ()
 
@@ -291,7 +292,7 @@ class ErrorResponseC:
     | UTF-8 error``. ``frame_id`` is 0 when the request could not be read at all."""
 
     frame_id: int
-    processing_time_ms: int
+    processing_time_ms: float  # rounded to a u32 on the wire
     error: str
 
     def serialize(self) -> bytes:
@@ -673,6 +674,13 @@ def protocol_ack_message() -> str:
 
 def stats_message(fields: Mapping[str, Any]) -> str:
     return dumps({"type": "stats", **fields})
+
+
+def stream_error_message(stream: Any, code: str, error: str) -> str:
+    """``stream_error`` (docs/streams.md); ``stream`` is echoed when it was a u32."""
+    if not isinstance(stream, int) or isinstance(stream, bool) or not 0 <= stream <= _U32_MAX:
+        stream = None
+    return dumps({"type": "stream_error", "stream": stream, "code": code, "error": error})
 
 
 def unknown_type_message(message_type: str) -> str:

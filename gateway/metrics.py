@@ -1,0 +1,98 @@
+"""The gateway's Prometheus metrics, in a registry of its own.
+
+Its own ``CollectorRegistry`` rather than the global one: a test (or a process) may run
+several gateways, and each must count only its own traffic. Label values come from closed
+sets (op names, error codes, message kinds), never from client input, so a client cannot
+blow up the number of series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
+
+
+class GatewayMetrics:
+    """Counters, gauges and one latency histogram; :meth:`render` is the /metrics body."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lipsync_gateway_requests",
+            "Client requests answered, by op and outcome (ok or an error code).",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lipsync_gateway_request_seconds",
+            "Time from a request's arrival to its answer being queued for the client.",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "lipsync_gateway_in_flight", "Requests waiting for the broker.", registry=r
+        )
+        self.connections = Gauge(
+            "lipsync_gateway_connections", "Open WebSocket connections.", registry=r
+        )
+        self.connections_total = Counter(
+            "lipsync_gateway_connections_accepted", "WebSocket connections accepted.", registry=r
+        )
+        self.refused = Counter(
+            "lipsync_gateway_handshakes_refused",
+            "WebSocket handshakes refused, by reason (origin, token, shutting_down).",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "lipsync_gateway_dropped_frames",
+            "Answers dropped because the client did not read them in time, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.reordered = Counter(
+            "lipsync_gateway_reordered_answers",
+            "Layout A answers that finished before an earlier request's and were held back.",
+            registry=r,
+        )
+        self.bytes_out = Counter(
+            "lipsync_gateway_bytes_out", "Bytes of WebSocket messages sent.", registry=r
+        )
+        self.messages_out = Counter(
+            "lipsync_gateway_messages_out",
+            "WebSocket messages sent, by kind (a, c, d, json).",
+            ["kind"],
+            registry=r,
+        )
+        self.malformed = Counter(
+            "lipsync_gateway_malformed_messages",
+            "Client messages that could not be read, by frame type (text, binary).",
+            ["kind"],
+            registry=r,
+        )
+        self.http = Counter(
+            "lipsync_gateway_http_requests",
+            "Plain HTTP requests, by route (static, health, metrics) and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.broker_up = Gauge(
+            "lipsync_gateway_broker_up", "1 while the broker answers heartbeats.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
