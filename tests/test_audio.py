@@ -110,6 +110,7 @@ def test_layout_b_batch_equals_single_clips(featurizer):
     np.testing.assert_allclose(batch[0], featurizer.window_from_pcm(a, 24000), atol=1e-5)
     np.testing.assert_allclose(batch[1], featurizer.window_from_pcm(b, 48000), atol=1e-5)
     assert not np.allclose(batch[0], batch[1])
+    np.testing.assert_array_equal(featurizer.window_from_pcm([a, b], [24000, 48000]), batch)
     assert featurizer.windows_from_pcm([], 16000).shape == (0, 32, 16, 16)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -150,6 +151,19 @@ class AudioFeaturizer:
         feats = self.encode(np.concatenate(windows))
         return feats.reshape(len(pcms), *_FOLD)
 
-    def window_from_pcm(self, pcm: Pcm, sr: int, fps: float = FPS) -> np.ndarray:
-        """Layout B for one clip: ``[32, 16, 16]``; the requested frame is row 8."""
+    @overload
+    def window_from_pcm(self, pcm: Pcm, sr: int, fps: float = FPS) -> np.ndarray: ...
+
+    @overload
+    def window_from_pcm(
+        self, pcm: list[Pcm] | tuple[Pcm, ...], sr: int | Sequence[int], fps: float = FPS
+    ) -> np.ndarray: ...
+
+    def window_from_pcm(self, pcm, sr, fps=FPS):  # type: ignore[no-untyped-def]
+        """Layout B for one clip: ``[32, 16, 16]``; the requested frame is row 8.
+
+        Given a list or tuple of clips, the same as ``windows_from_pcm``: ``[B, 32, 16, 16]``.
+        """
+        if isinstance(pcm, list | tuple):
+            return self.windows_from_pcm(pcm, sr, fps)
         return self.windows_from_pcm([pcm], sr, fps)[0]

@@ -78,5 +78,5 @@ class AudioEncoder(nn.Module):
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.dim() == 3:  # [B, 80, 16]: add the channel axis
             mel = mel.unsqueeze(1)
-        out = self.audio_encoder(mel.to(self.audio_encoder[0].conv_block[0].weight.dtype))
+        out = self.audio_encoder(mel.to(next(self.parameters()).dtype))
         return out.reshape(out.shape[0], FEATURE_DIM)

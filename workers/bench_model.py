@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, warmup: int, seconds: float, min_iters: int) -> list[float]:
+def _time(
+    fn: Callable[[], object], device: torch.device, warmup: int, seconds: float, min_iters: int
+) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then until ``seconds`` have passed and at least
     ``min_iters`` ran; return each timed call's seconds. Callers report the median, which
     shrugs off the odd call slowed by a neighbour on a shared machine."""
@@ -145,6 +148,14 @@ def machine(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} torch threads"
 
 
+def _load() -> float:
+    """1-minute load average: on a shared machine, read the numbers next to it."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on Windows
+        return float("nan")
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -193,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"device {device} ({machine(device)}), torch {torch.__version__}, "
         f"{'fp16' if half else 'fp32'}, channels_last {'on' if channels_last else 'off'}"
     )
-    print(head, flush=True)
+    load_before = _load()
+    print(f"{head}, load average {load_before:.2f}", flush=True)
     print(
         f"{'width':<8} {'params':>10} {'batch':>5} {'iters':>5} {'ms/batch':>9} "
         f"{'ms/frame':>9} {'frames/s':>9} {'x b1':>5}",
@@ -236,11 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dtype": "fp16" if half else "fp32",
             "channels_last": channels_last,
             "warmup": warmup,
+            "load_average": [load_before, _load()],
             "unet": [asdict(r) for r in results],
             "audio_encoder": [asdict(e) for e in enc],
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    print(f"load average after: {_load():.2f}")
     return 0
 
 
