@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -245,7 +245,10 @@ class BrokerClient:
         queue is full). Every send here is non-blocking, so pyzmq resolves it on the spot."""
         if self._socket is None:
             return False
-        sent = self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+        sent = cast(
+            "asyncio.Future[Any]",
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy),
+        )
         exc = sent.exception() if sent.done() else None
         if isinstance(exc, zmq.Again):
             return False
