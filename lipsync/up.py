@@ -130,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         _ensure_package(Path(env["LIPSYNC_MODELS_DIR"]))
     _check_port_free(env["LIPSYNC_HOST"], int(env["LIPSYNC_PORT"]))
 
+    # `lipsync status` and `scale` read this to find the gateway without the same flags
+    (run_dir / "up.json").write_text(
+        json.dumps({k: v for k, v in env.items() if k.startswith("LIPSYNC_")}, indent=1)
+    )
     cmd = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(CONF)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, preexec_fn=_die_with_parent)
     stopping = False
