@@ -355,7 +355,7 @@ class WorkerRuntime:
         elif isinstance(header, Disconnect):
             # The broker does not know us (it restarted, or declared us dead while we were
             # stalled): whatever we hold is someone else's now. Register again.
-            logger.warning(
+            logger.info(
                 "broker says %r: registering again (dropping %d requests)",
                 header.reason,
                 self._held,
