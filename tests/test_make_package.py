@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from workers.checkpoint import load_audio_encoder, load_unet
-from workers.make_package import MASK_RECT, make_package
+from workers.make_package import MASK_RECT, _rects, make_package
 from workers.package import load_package
 from workers.unet import WIDTHS
 
@@ -55,8 +55,13 @@ def small(tmp_path_factory):
 
 
 def test_same_seed_same_bytes(tmp_path, small):
-    """Two builds with one seed are byte-identical, file by file; another seed differs."""
+    """Two builds with one seed are byte-identical, file by file; another seed differs.
+    Seeding the build leaves the caller's torch RNG where it was."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     again = make_package(tmp_path / "a", name="small", frames=6, seed=3)
+    assert torch.equal(torch.rand(3), expected)
     assert digests(again) == digests(small)
     other = make_package(tmp_path / "b", name="small", frames=6, seed=4)
     changed = {f for f, d in digests(other).items() if d != digests(small)[f]}
@@ -105,17 +110,20 @@ def test_videos_follow_synctalk_preprocessing(small):
     assert not np.array_equal(full[0], full[-1])  # frames differ
 
 
-def test_rects_square_inside_and_drifting(tmp_path):
-    """Rects are square, inside the frame, and move a little from frame to frame."""
-    path = make_package(tmp_path, name="drift", frames=40, size=(320, 240), seed=1)
-    rects = load_package(tmp_path, "drift").rects
+def test_rects_square_inside_and_drifting(small):
+    """Rects are square, about half the height, inside the frame, and drift a little."""
+    rects = load_package(small.parent, "small").rects
     sides = rects[:, 2] - rects[:, 0]
     assert np.array_equal(sides, rects[:, 3] - rects[:, 1])
-    assert (rects[:, :2] >= 0).all() and (rects[:, 2] <= 320).all() and (rects[:, 3] <= 240).all()
     assert 100 <= sides[0] <= 130
-    assert len({tuple(r) for r in rects.tolist()}) > 3
-    assert np.abs(np.diff(rects, axis=0)).max() <= 3
-    assert (path / "aud_ave.npy").is_file()
+    for size in [(320, 240), (640, 360), (64, 64), (1280, 720)]:
+        w, h = size
+        rects = _rects(np.random.default_rng(1), 60, size)
+        assert (rects[:, :2] >= 0).all() and (rects[:, 2] <= w).all() and (rects[:, 3] <= h).all()
+        assert np.array_equal(rects[:, 2] - rects[:, 0], rects[:, 3] - rects[:, 1])
+        assert np.abs(np.diff(rects, axis=0)).max() <= 3
+        if min(w, h) >= 240:
+            assert len({tuple(r) for r in rects.tolist()}) > 3
 
 
 def test_audio_features_nonnegative_and_smooth(small):
@@ -135,12 +143,25 @@ def test_weights_load_strictly(small):
     load_audio_encoder(small / "checkpoint/audio_visual_encoder.pth")
 
 
-def test_seeding_leaves_global_rng_alone(tmp_path):
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    make_package(tmp_path, name="rng", frames=1)
-    assert torch.equal(torch.rand(3), expected)
+def test_model_responds_to_image_and_audio(small):
+    """Calibrated batch norms: the random UNet's output varies with the image and with the
+    audio (uncalibrated, it is a flat grey that no audio changes)."""
+    net = load_unet(small / "checkpoint/best_trainloss.pth", "quarter")
+    rois = decode(small / "rois_320_video.mp4")[:2]
+    masked = decode(small / "model_inputs_video.mp4")[:2]
+    image = torch.from_numpy(np.concatenate([rois, masked], axis=3)).permute(0, 3, 1, 2) / 255
+    rows = np.load(small / "aud_ave.npy")[np.arange(16) % 6]  # 16 rows of the 6 there are
+    audio = torch.from_numpy(rows.reshape(1, 32, 16, 16))
+    with torch.inference_mode():
+        out = net(image, audio.expand(2, -1, -1, -1))
+        quiet = net(image, torch.zeros_like(audio).expand(2, -1, -1, -1))
+    pixels = (out * 255).round()
+    assert pixels.std() > 20
+    assert ((quiet * 255).round() != pixels).float().mean() > 0.1
+    encoder = load_audio_encoder(small / "checkpoint/audio_visual_encoder.pth")
+    with torch.inference_mode():
+        feats = encoder(torch.randn(4, 1, 80, 16))
+    assert feats.std() > 0.1
 
 
 def test_refuses_to_overwrite(small):

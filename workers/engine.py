@@ -473,10 +473,8 @@ class TorchBackend:
         t1 = time.perf_counter()
         dev = self.torch_device
         with torch.inference_mode():
-            x = self._images[:b].to(dev, non_blocking=True).permute(0, 3, 1, 2)
-            # NCHW-contiguous on CPU (where the model is NCHW); channels_last as is on CUDA.
-            x = x.float() if self.cuda else x.contiguous().float()
-            x = x / 255
+            # NHWC staging permuted to NCHW is channels_last-strided: the model's own layout.
+            x = self._images[:b].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255
             a = self._audio[:b].to(dev, non_blocking=True)
             out = m.net(x, a).float()
             pred = (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -4,7 +4,9 @@ Tests, demos and benchmarks need a package without downloading weights or a pers
 video. This one is drawn: a cartoon face on a moving background, a face rectangle that
 drifts a little from frame to frame, audio features that vary smoothly, and randomly
 initialised weights (UNet-328 of the requested width, plus the AVE audio encoder saved
-without its ``audio_encoder.`` prefix, as SyncTalk publishes it). The derived videos
+without its ``audio_encoder.`` prefix, as SyncTalk publishes it), whose batch-norm
+statistics are calibrated on the package's own frames so that the output responds to the
+image and to the audio. The derived videos
 follow SyncTalk_2D's preprocessing: crop the rectangle, resize to 328 (cubic), ROI =
 ``[4:324, 4:324]``, mask = the ROI with a black rectangle at (5, 5) of 310×305.
 
@@ -22,8 +24,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
+from workers.audio import audio_windows
 from workers.audio_encoder import FEATURE_DIM, AudioEncoder
+from workers.mel import SAMPLE_RATE, mel_windows, melspectrogram
 from workers.package import (
     AUDIO_FEATURES,
     CHECKPOINTS,
@@ -105,6 +110,8 @@ def _write(
     rects = _rects(rng, frames, size)
     scene = _Scene(rng, size)
 
+    calibration: list[tuple[np.ndarray, np.ndarray]] = []  # (rois, masked) of a few frames
+    picks = set(np.linspace(0, frames - 1, min(frames, 2)).round().astype(int).tolist())
     writers = {
         kind: _writer(path / file, (size if kind == "full_body" else _square(kind)))
         for kind, file in VIDEO_FILES.items()
@@ -121,6 +128,8 @@ def _write(
             writers["crops_328"].write(crop)
             writers["rois_320"].write(np.ascontiguousarray(roi))
             writers["model_inputs"].write(mask_mouth(roi))
+            if i in picks:
+                calibration.append((roi.copy(), mask_mouth(roi)))
     finally:
         for writer in writers.values():
             writer.release()
@@ -141,7 +150,7 @@ def _write(
         "synthetic": {"seed": seed, "size": list(size), "width": width},
     }
     (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    _save_weights(path, width, seed)
+    _save_weights(path, width, seed, features, calibration)
 
 
 def _square(kind: str) -> tuple[int, int]:
@@ -236,14 +245,65 @@ class _Scene:
         return img
 
 
-def _save_weights(path: Path, width: str, seed: int) -> None:
-    """Random weights, seeded without disturbing the caller's torch RNG."""
+def _save_weights(
+    path: Path,
+    width: str,
+    seed: int,
+    features: np.ndarray,
+    calibration: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """Random weights, seeded without disturbing the caller's torch RNG, with calibrated
+    batch-norm statistics (see ``_calibrate``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet328(WIDTHS[width])
         encoder = AudioEncoder()
+        rng = np.random.default_rng(seed + 1)
+    images = np.stack([np.concatenate(pair, axis=2) for pair in calibration])
+    image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    ids = [int(i) for i in np.linspace(0, len(features) - 1, len(calibration)).round()]
+    audio = torch.from_numpy(audio_windows(features, ids))
+    _calibrate(unet, image, audio)
+    _calibrate(encoder, torch.from_numpy(_speechlike_mel(rng)).unsqueeze(1))
     torch.save(unet.state_dict(), path / CHECKPOINTS[0])
     # SyncTalk publishes the encoder without the "audio_encoder." prefix; loaders add it.
     prefix = "audio_encoder."
     state = {k.removeprefix(prefix): v for k, v in encoder.state_dict().items()}
     torch.save(state, path / ENCODER_CHECKPOINT)
+
+
+def _calibrate(module: nn.Module, *inputs: torch.Tensor) -> None:
+    """Set every batch norm's running statistics to what it sees on ``inputs``.
+
+    At random initialisation (running mean 0, variance 1) the signal shrinks layer after
+    layer: the UNet's output would be a near-constant grey whatever the image, and the
+    audio would change no pixel at all. Tests of the audio path and demos need a model
+    that responds to both its inputs, as a trained one does; one pass in train mode over
+    the package's own frames gives exactly that, still from random weights. The
+    statistics are rounded to fp16 precision so that the file does not depend on the
+    last bits of this machine's convolutions.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: one batch sets the statistics
+    module.train()
+    with torch.no_grad():
+        module(*inputs)
+    module.eval()
+    for norm in norms:
+        norm.momentum = 0.1
+        assert norm.running_mean is not None and norm.running_var is not None
+        norm.running_mean.copy_(norm.running_mean.half().float())
+        norm.running_var.copy_(norm.running_var.half().float())
+
+
+def _speechlike_mel(rng: np.random.Generator, seconds: float = 1.0) -> np.ndarray:
+    """Encoder windows ``[N, 80, 16]`` of a voiced, gliding, amplitude-modulated signal."""
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
+    f0 = 110 + 60 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
+    y = 0.2 * envelope * voice + 0.01 * rng.standard_normal(len(t))
+    return mel_windows(melspectrogram(y.astype(np.float32)), int(seconds * FPS))
