@@ -128,6 +128,7 @@ class Connection:
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.received = 0
+        self._refusals_dropped = 0  # layout A refusals with no room left to wait in order
         # per-connection settings, changed by hello
         self.mode_a = "composite"  # the A client draws the answer as the whole picture
         self.mode_b = "crop"  # the C client draws the answer at its bounds
@@ -166,8 +167,13 @@ class Connection:
                 self.peer,
                 self.ws.close_code,
                 self.received,
-                self.outbox.dropped + self.sequencer.dropped,
+                self.dropped,
             )
+
+    @property
+    def dropped(self) -> int:
+        """Answers this client never got because it did not read them in time."""
+        return self.outbox.dropped + self.sequencer.dropped + self._refusals_dropped
 
     async def drain(self) -> None:
         """Wait until every accepted request is answered and handed to the socket."""
@@ -189,6 +195,7 @@ class Connection:
 
     def _on_drop(self, kind: str) -> None:
         self.metrics.dropped.labels(kind).inc()
+        self.gateway.totals["dropped_frames"] += 1
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -269,7 +276,8 @@ class Connection:
             return
         self._done("infer_a", refusal.code.value, t0, broker=False)
         if self.sequencer.waiting >= self.sequencer.max_waiting:
-            self._on_drop("a")  # the answer would only push out an older one
+            self._refusals_dropped += 1  # the answer would only push out an older one
+            self._on_drop("a")
         else:
             self._release_a(self.sequencer.ticket(), b"")
 
@@ -295,8 +303,8 @@ class Connection:
             self.outbox.put(answer, "a")
         if seq.reordered > reordered:
             self.metrics.reordered.inc(seq.reordered - reordered)
-        if seq.dropped > dropped:
-            self.metrics.dropped.labels("a").inc(seq.dropped - dropped)
+        for _ in range(seq.dropped - dropped):
+            self._on_drop("a")
 
     def _on_b(self, request: RequestB, t0: float) -> None:
         refusal = self._admit()

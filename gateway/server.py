@@ -75,6 +75,7 @@ class Gateway:
             "binary_requests": 0,
             "answered": 0,
             "time_ms": 0.0,
+            "dropped_frames": 0,
         }
 
     async def start(self) -> None:
@@ -100,7 +101,7 @@ class Gateway:
             "average_time_ms": round(t["time_ms"] / t["answered"], 2) if t["answered"] else 0.0,
             "connected_clients": len(self.connections),
             "in_flight": sum(len(c.tasks) for c in self.connections),
-            "dropped_frames": sum(c.outbox.dropped + c.sequencer.dropped for c in self.connections),
+            "dropped_frames": t["dropped_frames"],
         }
 
     # -- websockets hooks --------------------------------------------------------------
