@@ -74,6 +74,7 @@ MAX_CAPACITY = 100_000
 DRAIN_BATCH = 512
 """Messages read from one socket before looking at the other (fairness, and timers)."""
 MALFORMED_LOG_EVERY_S = 5.0
+_HEARTBEAT = encode(Heartbeat())
 
 
 class Broker:
@@ -238,7 +239,8 @@ class Broker:
         elif isinstance(header, Cancel):
             self.process_cancel(identity, header.id)
         elif isinstance(header, Heartbeat):
-            pass
+            # Echoed, so a gateway hears from us at its own interval whatever ours is.
+            self._heartbeat_gateway(gateway, now)
         elif isinstance(header, Disconnect):
             logger.info("gateway %s disconnected: %s", identity.hex(), header.reason or "-")
             self.gateways.pop(identity, None)
@@ -394,6 +396,7 @@ class Broker:
         elif isinstance(header, Heartbeat):
             record.reported_in_flight = header.in_flight
             record.counters = header.stats
+            self._send_worker(record, _HEARTBEAT)  # echoed, as for gateways
         elif isinstance(header, Reply | Error):
             self.process_answer(record, message)
         else:
@@ -713,18 +716,20 @@ class Broker:
 
     def send_heartbeats(self, now: float) -> None:
         """Every peer hears from us at least once an interval (rule 3)."""
-        beat = encode(Heartbeat())
         for record in self.registry:
             if now - record.last_sent >= self.heartbeat_s:
-                self._send_worker(record, beat)
-        for identity, gateway in list(self.gateways.items()):
+                self._send_worker(record, _HEARTBEAT)
+        for gateway in list(self.gateways.values()):
             if now - gateway.last_sent >= self.heartbeat_s:
-                try:
-                    self.frontend.send_multipart([identity, *beat], zmq.NOBLOCK)
-                    gateway.last_sent = now
-                except zmq.ZMQError:
-                    del self.gateways[identity]
-                    logger.info("gateway %s unreachable; forgotten", identity.hex())
+                self._heartbeat_gateway(gateway, now)
+
+    def _heartbeat_gateway(self, gateway: GatewayRecord, now: float) -> None:
+        try:
+            self.frontend.send_multipart([gateway.identity, *_HEARTBEAT], zmq.NOBLOCK)
+            gateway.last_sent = now
+        except zmq.ZMQError:
+            self.gateways.pop(gateway.identity, None)
+            logger.info("gateway %s unreachable; forgotten", gateway.identity.hex())
 
     # -- stats and bad input -------------------------------------------------------------
 
