@@ -131,13 +131,8 @@ class Broker:
         sock.setsockopt(zmq.RCVHWM, 50_000)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         if curve_secret_file:
-            from zmq.auth.certs import load_certificate
-
-            _public, secret = load_certificate(curve_secret_file)
-            if secret is None:
-                raise ValueError(f"{curve_secret_file}: no secret key in this file")
             sock.setsockopt(zmq.CURVE_SERVER, 1)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, _curve_secret(curve_secret_file))
         sock.bind(endpoint)
         return sock
 
@@ -785,6 +780,21 @@ class Broker:
         )
         self._malformed_suppressed = 0
         logger.warning("bad message from %s %s: %s%s", peer, identity.hex(), why, more)
+
+
+def _curve_secret(path: str) -> bytes:
+    """The CURVE secret key in ``path``: the 40 z85 characters ``zmq.curve_keypair()``
+    returns (README), or a ZeroMQ certificate file (``zmq.auth.create_certificates``)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw.strip()) == 40:
+        return raw.strip()
+    from zmq.auth.certs import load_certificate
+
+    _public, secret = load_certificate(path)
+    if secret is None:
+        raise ValueError(f"{path}: no curve secret key in this file")
+    return secret
 
 
 def _frame_len(frame: Any) -> int:

@@ -19,7 +19,7 @@ from conftest import Processes, free_port
 from gateway.brokerclient import BrokerClient
 
 
-__all__ = ["HEARTBEAT_S", "LIVENESS", "Cluster", "eventually"]
+__all__ = ["ENV", "HEARTBEAT_S", "LIVENESS", "Cluster", "eventually"]
 
 HEARTBEAT_S = 0.2
 LIVENESS = 5

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from cluster import Cluster, eventually
+from cluster import ENV, Cluster, eventually
 
 from shared.envelope import Error, Request, decode, encode
 from shared.errors import ErrorCode, ServiceError
@@ -485,3 +485,27 @@ async def _in_flight(cluster, client, n, worker=None):
 async def _queue_depth(cluster, client, n):
     stats = await cluster.stats(client)
     return stats["models"].get("m", {}).get("queue") == n
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+async def test_curve_backend(cluster, tmp_path):
+    """With a CURVE key on the backend, a worker that knows the broker's public key
+    registers and serves; the frontend is unchanged."""
+    public, secret = zmq.curve_keypair()
+    key_file = tmp_path / "broker.key"
+    key_file.write_bytes(secret)
+    cluster.processes.start(
+        "broker",
+        "--frontend",
+        cluster.frontend,
+        "--backend",
+        cluster.backend,
+        "--curve-secret-file",
+        str(key_file),
+        env=ENV,
+        name="broker",
+    )
+    cluster.start_worker("w1", args=("--curve-server-key", public.decode()))
+    client = await cluster.client()
+    await cluster.wait_workers(client, "w1")
+    assert Counter(o for o, _ in await run_requests(client, 10)) == {"ok": 10}
