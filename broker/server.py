@@ -71,6 +71,7 @@ MAX_TTL_MS = 60_000
 MAX_REQUEST_PAYLOAD = 16 << 20
 MAX_FRAME_BYTES = 64 << 20  # ZMQ_MAXMSGSIZE: a peer sending more is disconnected
 MAX_CAPACITY = 100_000
+GATEWAY_FORGET_S = 60.0
 DRAIN_BATCH = 512
 """Messages read from one socket before looking at the other (fairness, and timers)."""
 MALFORMED_LOG_EVERY_S = 5.0
@@ -700,8 +701,10 @@ class Broker:
             silent = now - record.last_seen
             if silent > self.dead_after_s:
                 self.worker_gone(record, f"dead (silent for {silent:.1f} s)", now)
+        # Gateways are only heartbeated, never relied on: forget them late, so that one with
+        # a slower heartbeat than ours is not forgotten and re-greeted every interval.
         for identity, gateway in list(self.gateways.items()):
-            if now - gateway.last_seen > self.dead_after_s:
+            if now - gateway.last_seen > max(self.dead_after_s, GATEWAY_FORGET_S):
                 del self.gateways[identity]
                 logger.info("gateway %s gone silent; forgotten", identity.hex())
         if self._told_to_leave:
