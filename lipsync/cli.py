@@ -89,6 +89,12 @@ def _make_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_demo(args: argparse.Namespace) -> int:
+    from workers.demo.cli import train_demo
+
+    return train_demo(args)
+
+
 def _up(args: argparse.Namespace) -> int:
     from lipsync.up import run
 
@@ -164,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_package)
 
+    p = sub.add_parser("train-demo", help="train the demo avatar on this CPU (seeded)")
+    p.add_argument("--models-dir", default="models", help="write the package here")
+    p.add_argument("--name", default="demo", help="package name (default demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--save-weights",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="also save the weights (no FILE: refresh the committed demo weights)",
+    )
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.set_defaults(func=_train_demo)
+
     p = sub.add_parser("up", help="run broker + gateway + workers under supervisord")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
     p.add_argument("--models-dir", default=None, help="packages (default ./models)")
@@ -185,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="load generator against a running gateway")
     p.add_argument("--url", default="ws://127.0.0.1:8086/ws")
+    p.add_argument("--mode", choices=["closed", "sequential", "stream"], default="closed")
+    p.add_argument("--clients", type=int, default=1, help="WebSocket connections")
+    p.add_argument("--in-flight", type=int, default=4, help="closed loop: requests per client")
+    p.add_argument("--layout", choices=["A", "B"], default="B", help="A composite, B crop")
+    p.add_argument("--no-audio", action="store_true", help="layout B without its 640 ms audio")
+    p.add_argument("--rate", type=float, default=0.0, help="max requests/s per client")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--model", help="model name (default the first listed)")
+    p.add_argument("--token", default=None, help="bearer token (LIPSYNC_TOKEN)")
+    p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--pids", help="comma list of pids to sample (default: scan)")
+    p.add_argument("--json", help="write the report here too")
+    p.add_argument("--suite", action="store_true", help="start a system and run the suite")
+    p.add_argument("--quick", action="store_true", help="suite: short steps (smoke run)")
+    p.add_argument("--out", help="suite: directory for JSON reports and profiles")
     p.set_defaults(func=_bench)
     return parser
 
