@@ -371,8 +371,11 @@ class TorchBackend:
                         f"{spec.file}: decoded frames are {w}x{h}, header says "
                         f"{spec.width}x{spec.height}",
                     )
-            net = load_unet(package.checkpoint, list(package.channels))
-            net = prepare_module(net, self.torch_device, half=self.fp16)
+            net = prepare_module(
+                load_unet(package.checkpoint, list(package.channels)),
+                self.torch_device,
+                half=self.fp16,
+            )
             featurizer = None
             if package.encoder_checkpoint is not None:
                 encoder = load_audio_encoder(package.encoder_checkpoint)
@@ -472,13 +475,18 @@ class TorchBackend:
             audio[j] = windows[k]
         t1 = time.perf_counter()
         dev = self.torch_device
-        with torch.inference_mode():
-            # NHWC staging permuted to NCHW is channels_last-strided: the model's own layout.
-            x = self._images[:b].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255
-            a = self._audio[:b].to(dev, non_blocking=True)
-            out = m.net(x, a).float()
-            pred = (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-            result = pred.contiguous().cpu().numpy()
+        try:
+            with torch.inference_mode():
+                # NHWC staging permuted to NCHW is channels_last-strided: the model's layout.
+                x = self._images[:b].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+                a = self._audio[:b].to(dev, non_blocking=True)
+                out = m.net(x, a).float()
+                pred = (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+                result = pred.contiguous().cpu().numpy()  # waits for the device
+        except BaseException:
+            if self.cuda:  # the next batch must not refill buffers a copy still reads
+                torch.cuda.synchronize(dev)
+            raise
         return result, time.perf_counter() - t1
 
     def _render(

@@ -139,7 +139,7 @@ def _read_header(fd: int) -> dict[str, Any] | None:
     if start + length > DATA_OFFSET:
         return None
     try:
-        header = json.loads(head[start : start + length])
+        header: dict[str, Any] = json.loads(head[start : start + length])
         shape = [int(v) for v in header["shape"]]
     except (ValueError, KeyError, TypeError):
         return None

@@ -159,7 +159,7 @@ def _square(kind: str) -> tuple[int, int]:
 
 
 def _writer(path: Path, size: tuple[int, int]) -> cv2.VideoWriter:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), FPS, size)
     if not writer.isOpened():
         raise RuntimeError(f"{path.name}: opencv cannot write mp4v video here")
     return writer

@@ -231,7 +231,8 @@ class _Checker:
         info = self._info()
         self.raise_if_failed()
         model = self._model_block(info)
-        videos_info = info.get("videos") if isinstance(info.get("videos"), dict) else {}
+        raw_videos = info.get("videos")
+        videos_info: dict[str, Any] = raw_videos if isinstance(raw_videos, dict) else {}
         videos = self._videos(videos_info)
         declared = _declared_count(videos_info.get("model_inputs"))
         if declared is not None:
@@ -400,7 +401,7 @@ class _Checker:
             self.fail(f"{AUDIO_FEATURES}: missing")
             return None
         try:
-            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            arr: np.ndarray = np.load(file, mmap_mode="r", allow_pickle=False)
         except Exception as exc:  # numpy raises ValueError/OSError/EOFError for damaged files
             self.fail(f"{AUDIO_FEATURES}: unreadable or truncated ({exc})")
             return None
