@@ -54,6 +54,7 @@ const app = {
   source: null, // MicSource or FileSource feeding the session
   decodedFile: null, // {file, buffer, pcm}
   lastEnded: null,
+  recheckTimer: 0,
 };
 // A handle for the browser console and the browser tests; not used by the page itself.
 window.lipsync = app;
@@ -104,7 +105,12 @@ function onState({ state, retryInMs, everOpened, url, error }) {
     text = error ? `Not connected: ${error}` : "Not connected";
   }
   el.connState.textContent = text;
-  el.statConn.textContent = text;
+  el.statConn.textContent = {
+    [State.OPEN]: "Connected",
+    [State.CONNECTING]: "Connecting",
+    [State.WAITING]: "Reconnecting",
+    [State.STOPPED]: "Not connected",
+  }[state];
   if (state === State.OPEN) {
     showError("");
     onOpen();
@@ -138,14 +144,18 @@ function onLost(text) {
     stopSource();
     app.session.close();
     app.session = null;
-    showError(`The stream stopped: ${text.charAt(0).toLowerCase()}${text.slice(1)}.`);
+    showError("The stream stopped: the gateway went away. Talk again once it is back.");
   }
+  say("");
   if (!app.store) hint(text);
 }
 
 // ---------------------------------------------------------------- models
 
+const EMPTY_LIST_RECHECK_MS = 5000;
+
 async function refreshModels() {
+  clearTimeout(app.recheckTimer);
   let answer;
   try {
     answer = await app.connection.request({ type: "list_models" }, "list_models", 5000);
@@ -174,17 +184,22 @@ async function refreshModels() {
     option.textContent = "(no avatars)";
     el.model.append(option);
     showError(
-      "No avatars available: no worker has a model loaded yet. Start a worker with a models " +
-        "directory (lipsync worker --models-dir DIR), then press Refresh.",
+      "No avatars available: no worker has a model loaded yet (workers take a while to start). " +
+        "Start one with a models directory: lipsync worker --models-dir DIR. Checking again every 5 s.",
     );
-    hint("No avatars available");
+    hint("No avatars available yet");
+    // Workers join at any time: look again while connected.
+    app.recheckTimer = setTimeout(() => app.connection.isOpen && refreshModels(), EMPTY_LIST_RECHECK_MS);
     return;
   }
+  if (el.error.textContent.startsWith("No avatars")) showError("");
   const wanted = models.includes(previous) ? previous : (app.store?.modelName ?? models[0]);
   el.model.value = models.includes(wanted) ? wanted : models[0];
   const current = app.loading?.model ?? app.store?.modelName;
   if (el.model.value !== current || (!app.loading && app.store && app.store.loaded < app.store.count)) {
     loadModel(el.model.value);
+  } else if (app.store && !app.loading) {
+    say(readyText(app.store.modelName));
   }
 }
 
@@ -281,7 +296,11 @@ async function doLoad(model, signal) {
   if (failed.length) {
     showError(`${failed.length} of ${store.count} frames of ${model} did not load (${failed[0].error}); they show as grey.`);
   }
-  say(`${model} is ready: press “Talk into the microphone” and speak.`);
+  say(readyText(model));
+}
+
+function readyText(model) {
+  return `${model} is ready: press “Talk into the microphone” and speak.`;
 }
 
 // ---------------------------------------------------------------- talking
