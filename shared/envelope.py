@@ -280,7 +280,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if not isinstance(data, dict):
         raise EnvelopeError("header is not a map")
     header = _HEADERS[kind].from_map(data)
-    return Message(header, list(frames[2:]))
+    return Message(header, list(frames[2:]))  # type: ignore[arg-type]  # _HEADERS maps to Header
 
 
 def peek_id(frames: Sequence[Any]) -> int | None:
