@@ -10,8 +10,10 @@ image and to the audio. The derived videos
 follow SyncTalk_2D's preprocessing: crop the rectangle, resize to 328 (cubic), ROI =
 ``[4:324, 4:324]``, mask = the ROI with a black rectangle at (5, 5) of 310×305.
 
-The same seed gives the same files, byte for byte (OpenCV's mp4v encoder and torch.save
-are deterministic). mp4 is lossy: compare against decoded frames, never the drawn ones.
+The same seed gives the same files, byte for byte, with one OpenCV and torch build (the mp4v
+encoder and torch.save are deterministic; calibrated statistics are rounded to fp16 so that
+float noise between CPUs rarely shows). mp4 is lossy: compare against decoded frames, never
+the drawn ones.
 """
 
 from __future__ import annotations
