@@ -61,6 +61,10 @@ class InferItem:
     ``audio`` is int16 LE mono PCM at ``audio_sr`` Hz covering the 16-row feature window
     centred on ``frame_id`` (layout B: 640 ms, 8 frames before, the frame, 7 after). When it
     is None the package's own ``aud_ave.npy`` rows are used.
+
+    A stream frame (docs/streams.md) says where its clip lies instead: ``audio_t0_ms`` (the
+    clip's first sample relative to stream frame ``stream_frame``'s time) and ``stream``
+    (the key its feature rows are cached under; see ``workers.stream_audio``).
     """
 
     frame_id: int
@@ -69,6 +73,9 @@ class InferItem:
     audio: bytes | None = None
     audio_sr: int = 24000
     tag: Any = None  # opaque to the backend: the runtime's handle for this item
+    audio_t0_ms: float | None = None  # set: a stream frame's clip, not layout B
+    stream: str | None = None
+    stream_frame: int = 0
 
 
 @dataclass(slots=True)

@@ -417,9 +417,21 @@ class WorkerRuntime:
         if not isinstance(audio_sr, int) or not 8000 <= audio_sr <= 192_000:
             raise ServiceError(ErrorCode.BAD_REQUEST, "audio_sr must be an int in 8000..192000")
         audio = payload[0] if payload else None
-        return InferItem(
+        item = InferItem(
             frame_id=h.frame, mode=mode, quality=quality, audio=audio, audio_sr=audio_sr, tag=h.id
         )
+        if "audio_t0_ms" in opts:  # a stream frame (docs/streams.md)
+            t0, stream, j = opts["audio_t0_ms"], opts.get("stream"), opts.get("stream_frame")
+            if audio is None:
+                raise ServiceError(ErrorCode.BAD_REQUEST, "audio_t0_ms without audio")
+            if not isinstance(t0, int | float) or isinstance(t0, bool):
+                raise ServiceError(ErrorCode.BAD_REQUEST, "audio_t0_ms must be a number")
+            if stream is not None and (not isinstance(stream, str) or len(stream) > 128):
+                raise ServiceError(ErrorCode.BAD_REQUEST, "stream must be a short string")
+            if not isinstance(j, int) or isinstance(j, bool) or j < 0:
+                raise ServiceError(ErrorCode.BAD_REQUEST, "stream_frame must be an int >= 0")
+            item.audio_t0_ms, item.stream, item.stream_frame = float(t0), stream, j
+        return item
 
     def _drain_outbox(self, sock: zmq.Socket[Any] | None) -> None:
         while True:
