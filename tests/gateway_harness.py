@@ -67,13 +67,16 @@ class System:
         self.frontend = f"tcp://127.0.0.1:{free_port()}"
         self.backend = f"tcp://127.0.0.1:{free_port()}"
 
-    def start_broker(self) -> subprocess.Popen[bytes]:
+    def start_broker(self, *args: str) -> subprocess.Popen[bytes]:
+        """The broker, on this system's addresses (also to restart it): ``args`` are extra
+        ``lipsync broker`` flags."""
         return self.processes.start(
             "broker",
             "--frontend",
             self.frontend,
             "--backend",
             self.backend,
+            *args,
             env=FAST_BEATS,
             name="broker",
         )
@@ -99,9 +102,14 @@ class System:
         )
 
     def start_gateway(
-        self, *args: str, env: dict[str, str] | None = None, web_dir: str | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        web_dir: str | None = None,
+        port: int | None = None,
     ) -> tuple[subprocess.Popen[bytes], int]:
-        port = free_port()
+        """A gateway on a free port, or on ``port`` (to restart one where clients expect it)."""
+        port = port or free_port()
         argv = ["gateway", "--port", str(port), "--broker", self.frontend, *args]
         if web_dir is not None:
             argv += ["--web-dir", web_dir]
