@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["environment", "run", "scale", "status"]
+__all__ = ["environment", "run", "scale", "status", "supervisorctl"]
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "supervisord.conf"
@@ -188,16 +188,30 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def _ctl(run_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+def _saved_env(run_dir: Path) -> dict[str, str]:
+    """The variables the running `lipsync up` used (written at start)."""
+    try:
+        saved = json.loads((run_dir / "up.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: str(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+
+
+def supervisorctl(run_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run supervisorctl against the system whose run dir is ``run_dir``.
+
+    supervisorctl reads a config file even with ``-s``, and would pick up ./supervisord.conf
+    from the repo root, whose %(ENV_...)s expansions need the variables `lipsync up` set:
+    give it both."""
     sock = run_dir / "supervisor.sock"
     if not sock.exists():
         raise SystemExit(f"lipsync: no running system in {run_dir} (no {sock.name})")
+    env = {**os.environ, **_saved_env(run_dir), "LIPSYNC_RUN_DIR": str(run_dir)}
     return subprocess.run(
-        [sys.executable, "-m", "supervisor.supervisorctl", "-s", f"unix://{sock}", *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+        [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(CONF),
+         "-s", f"unix://{sock}", *argv],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -206,7 +220,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 def _processes(run_dir: Path) -> dict[str, str]:
     """supervisorctl status as {name: state}."""
-    out = _ctl(run_dir, "status").stdout
+    out = supervisorctl(run_dir, "status").stdout
     states = {}
     for line in out.splitlines():
         parts = line.split()
@@ -217,7 +231,7 @@ def _processes(run_dir: Path) -> dict[str, str]:
 
 def status(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
-    print(_ctl(run_dir, "status").stdout, end="")
+    print(supervisorctl(run_dir, "status").stdout, end="")
     env = environment(
         argparse.Namespace(
             run_dir=str(run_dir), models_dir=None, workers=None, host=None, port=None
@@ -247,7 +261,7 @@ def scale(args: argparse.Namespace) -> int:
     for name in slots:
         running = states[name] in ("RUNNING", "STARTING", "BACKOFF")
         if name in want and not running:
-            print(_ctl(run_dir, "start", name).stdout, end="")
+            print(supervisorctl(run_dir, "start", name).stdout, end="")
         elif name not in want and running:
-            print(_ctl(run_dir, "stop", name).stdout, end="")
+            print(supervisorctl(run_dir, "stop", name).stdout, end="")
     return 0
