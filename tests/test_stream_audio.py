@@ -155,3 +155,40 @@ def test_one_stream_audio_per_featurizer(featurizer):
     a = stream_audio_for(featurizer, 25.0)
     assert stream_audio_for(featurizer, 25.0) is a
     assert stream_audio_for(featurizer, 30.0) is not a
+
+
+def test_engine_serves_stream_frames_through_the_row_cache(tiny_package):
+    """The engine hook: stream items use these windows (cached rows, per-item errors), and
+    a cold worker renders the same pixels as a warm one."""
+    from workers.backend import InferItem
+    from workers.engine import TorchBackend
+
+    stream = speechlike(1.5, SAMPLE_RATE, seed=7)
+
+    def item(j: int, key: str | None, t0: float | None = None) -> InferItem:
+        return InferItem(
+            frame_id=j % 16,
+            mode="crop",
+            audio=cut(stream, j, SAMPLE_RATE),
+            audio_sr=SAMPLE_RATE,
+            audio_t0_ms=clip_t0_ms(j, FPS, SAMPLE_RATE) if t0 is None else t0,
+            stream=key,
+            stream_frame=j,
+        )
+
+    warm = TorchBackend(tiny_package, device="cpu", max_batch=4)
+    warm.load("tiny")
+    for j in range(10, 13):
+        assert warm.render(warm.forward("tiny", [item(j, "k")]))[0].shape[2] == 3
+    featurizer = warm._models["tiny"].featurizer
+    assert featurizer is not None and stream_audio_for(featurizer, 25.0).encoded == 16 + 2
+    bad = item(14, "k", t0=clip_t0_ms(14, FPS, SAMPLE_RATE) + 1.0)
+    warm_out = warm.render(warm.forward("tiny", [item(13, "k"), bad]))
+    assert isinstance(warm_out[1], ServiceError) and warm_out[1].code == ErrorCode.BAD_REQUEST
+    cold = TorchBackend(tiny_package, device="cpu", max_batch=4)
+    cold.load("tiny")
+    (cold_out,) = cold.render(cold.forward("tiny", [item(13, None)]))
+    assert isinstance(warm_out[0], np.ndarray) and isinstance(cold_out, np.ndarray)
+    assert np.abs(warm_out[0].astype(int) - cold_out.astype(int)).max() <= 1
+    warm.close()
+    cold.close()

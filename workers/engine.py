@@ -51,6 +51,7 @@ from workers.package import (
     list_packages,
     load_package,
 )
+from workers.stream_audio import stream_windows
 from workers.unet import prepare_module, resolve_device, width_name
 
 
@@ -434,7 +435,15 @@ class TorchBackend:
         """Audio input per good item: from the request's PCM (one encoder batch for all
         such items) or from the package's feature table."""
         windows: dict[int, np.ndarray] = {}
-        live = [k for k in good if items[k].audio is not None]
+        streamed = [k for k in good if items[k].audio_t0_ms is not None]  # docs/streams.md
+        if streamed and m.featurizer is not None:
+            out = stream_windows(m.featurizer, m.info.fps, [items[k] for k in streamed])
+            for k, window in zip(streamed, out, strict=True):
+                if isinstance(window, BaseException):
+                    errors[k] = window
+                else:
+                    windows[k] = window
+        live = [k for k in good if items[k].audio is not None and k not in streamed]
         if live and m.featurizer is not None:
             featurizer = m.featurizer
             try:

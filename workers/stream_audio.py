@@ -48,6 +48,7 @@ from shared.streamtime import (
 )
 from workers.audio import AudioFeaturizer
 from workers.audio_encoder import FEATURE_DIM
+from workers.backend import InferItem
 from workers.mel import WINDOW_STEPS, melspectrogram, pcm_to_float, resample_to_16k
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "StreamAudio",
     "StreamClip",
     "stream_audio_for",
+    "stream_windows",
 ]
 
 DEFAULT_CACHE_ROWS = 8192
@@ -223,3 +225,21 @@ def stream_audio_for(featurizer: AudioFeaturizer, fps: float) -> StreamAudio:
     if audio is None:
         audio = per_fps[fps] = StreamAudio(featurizer, fps)
     return audio
+
+
+def stream_windows(
+    featurizer: AudioFeaturizer, fps: float, items: Sequence[InferItem]
+) -> list[np.ndarray | ServiceError]:
+    """The engine's entry point: windows for stream items (``audio_t0_ms`` set), one per
+    item, or the error that item earned."""
+    clips = [
+        StreamClip(
+            pcm=item.audio if item.audio is not None else b"",
+            sr=item.audio_sr,
+            t0_ms=item.audio_t0_ms if item.audio_t0_ms is not None else float("nan"),
+            frame=item.stream_frame,
+            stream=item.stream,
+        )
+        for item in items
+    ]
+    return stream_audio_for(featurizer, fps).windows(clips)
