@@ -1,0 +1,450 @@
+"""The browser client (web/) in a real headless Chromium against a real system.
+
+The whole system runs as in production (``lipsync up``: supervisord, broker, one worker,
+gateway) on free loopback ports with a tiny random-weight package. Chromium's fake
+microphone plays a WAV of speech followed by silence, so the page talks to the system
+exactly as a person would: the mouth region must change while the WAV speaks and show the
+untouched avatar frame in its silence. Screenshots go to ``artifacts/`` for a human to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import wave
+import xmlrpc.client
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, Processes, free_port, wait_until
+from supervisor.xmlrpc import SupervisorTransport
+
+
+__all__: list[str] = []
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"
+    ),
+]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+
+# Chromium itself logs a failed WebSocket handshake as a console error; while the gateway is
+# down on purpose that is expected, and it is not the page's own doing.
+BROWSER_OWN_ERRORS = re.compile(r"WebSocket connection to .* failed")
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def _speech_wav(path: Path, silence_s: float = 5.0) -> Path:
+    """espeak-ng speech, then `silence_s` of digital silence; 16-bit mono."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        pytest.skip("needs espeak-ng to make the test speech")
+    raw = path.with_name("speech-raw.wav")
+    text = "Hello, this is a lip sync test. One, two, three, four, five. Watch my mouth move."
+    subprocess.run([espeak, "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
+    with wave.open(str(raw), "rb") as src:
+        rate, width, channels = src.getframerate(), src.getsampwidth(), src.getnchannels()
+        assert (width, channels) == (2, 1), "espeak-ng writes 16-bit mono"
+        speech = src.readframes(src.getnframes())
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\0\0" * int(0.3 * rate) + speech + b"\0\0" * int(silence_s * rate))
+    return path
+
+
+def _health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@dataclass
+class System:
+    port: int
+    run_dir: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def gateway_pid(self) -> int:
+        """The gateway's pid, from supervisord's XML-RPC interface (0 while it is down).
+
+        Talks to the socket directly: supervisorctl would read the repo's supervisord.conf,
+        whose variables this test process does not export."""
+        transport = SupervisorTransport(None, None, f"unix://{self.run_dir / 'supervisor.sock'}")
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        try:
+            info = proxy.supervisor.getProcessInfo("gateway")
+        finally:
+            transport.close()
+        return int(info["pid"]) if info["statename"] == "RUNNING" else 0
+
+    def logs(self) -> str:
+        parts = [f"--- lipsync up\n{self.log.read_text(errors='replace')[-3000:]}"]
+        for p in sorted(self.run_dir.glob("*.log")):
+            parts.append(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def system(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """`lipsync up --workers 1` on free ports, serving the tiny package; stopped at the end."""
+    run_dir = tmp_path_factory.mktemp("run")
+    port = free_port()
+    env = {
+        **os.environ,
+        "LIPSYNC_RUN_DIR": str(run_dir),
+        "LIPSYNC_BROKER_FRONTEND": f"tcp://127.0.0.1:{free_port()}",
+        "LIPSYNC_BROKER_BACKEND": f"tcp://127.0.0.1:{free_port()}",
+        "LIPSYNC_SPARE_WORKERS": "0",
+        "LIPSYNC_THREADS": "1",  # two shared cores: leave one for Chromium
+    }
+    log = run_dir / "up.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lipsync", "up", "--workers", "1"]
+            + ["--models-dir", str(tiny_package), "--port", str(port), "--run-dir", str(run_dir)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    system = System(port=port, run_dir=run_dir, proc=proc, log=log, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while _health(port) != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the system did not become healthy\n{system.logs()}")
+            time.sleep(0.5)
+        yield system
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # supervisord stops every program
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _speech_wav(tmp_path_factory.mktemp("audio") / "speech-then-silence.wav")
+
+
+@pytest.fixture(scope="module")
+def browser(speech_wav: Path) -> Iterator[object]:
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={speech_wav}",
+            ],
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class Console:
+    """Every console error/warning and uncaught exception of a page."""
+
+    def __init__(self, page: object) -> None:
+        self.messages: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.messages.append(f"pageerror: {exc}"))
+
+    def _console(self, msg: object) -> None:
+        if msg.type in ("error", "warning"):
+            self.messages.append(f"{msg.type}: {msg.text}")
+
+    def problems(self, allow: re.Pattern[str] | None = None) -> list[str]:
+        return [m for m in self.messages if allow is None or not allow.search(m)]
+
+
+@pytest.fixture
+def page(browser: object) -> Iterator[tuple[object, Console]]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    console = Console(page)
+    try:
+        yield page, console
+    finally:
+        context.close()
+
+
+def _screenshot(page: object, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _open_and_load(page: object, system: System) -> None:
+    page.goto(system.url)
+    page.wait_for_function(
+        "document.querySelector('#model option[value=\"tiny\"]') !== null", timeout=30_000
+    )
+    page.wait_for_function(
+        "document.getElementById('load-text').textContent === '100 %'"
+        " && !document.getElementById('mic').disabled",
+        timeout=60_000,
+    )
+
+
+# What the canvas shows right now, read in one synchronous go so that the frame cannot change
+# in between: the drawn frame's tags, and how its mouth region differs from the preloaded full
+# frame of the same id (0 = untouched avatar frame).
+SAMPLE_JS = """
+() => {
+  const app = window.lipsync;
+  const d = app.player.lastDrawn;
+  if (!d || !app.store) return null;
+  const canvas = document.getElementById('avatar');
+  const w = canvas.width, h = canvas.height;
+  window.__probe ??= new OffscreenCanvas(w, h).getContext('2d', {willReadFrequently: true});
+  const probe = window.__probe;
+  let [x1, y1, x2, y2] = d.bounds;
+  if (!(x2 > x1 && y2 > y1)) [x1, y1, x2, y2] = app.metadata.bounds;
+  // two pixels in from the crop's edges: its scaled border blends with the frame under it
+  const x = Math.ceil(x1) + 2, y = Math.ceil(y1) + 2;
+  const rw = Math.floor(x2) - 2 - x, rh = Math.floor(y2) - 2 - y;
+  probe.drawImage(canvas, 0, 0);
+  const shown = probe.getImageData(x, y, rw, rh).data;
+  const full = app.store.peek(d.frameId);
+  if (!full) return null;
+  probe.drawImage(full, 0, 0, w, h);
+  const ref = probe.getImageData(x, y, rw, rh).data;
+  let diff = 0, hash = 0;
+  for (let i = 0; i < shown.length; i++) {
+    diff += Math.abs(shown[i] - ref[i]);
+    hash = (Math.imul(hash, 31) + shown[i]) | 0;
+  }
+  const s = app.session;
+  return {seq: d.seq, idle: d.idle, frameId: d.frameId, audioMs: d.audioMs,
+          diff: diff / shown.length, hash, drawn: app.player.drawn,
+          received: s ? s.stats.received : 0, dropped: s ? s.dropped : 0,
+          worker: s ? s.stats.workerId : '', fps: app.player.fps,
+          latency: s ? s.stats.latencyMs : null};
+}
+"""
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_page_lists_and_loads_the_avatar(page, system):
+    """The model list fills, every full frame loads, the canvas has the frame's size."""
+    page, console = page
+    _open_and_load(page, system)
+    state = page.evaluate(
+        """() => ({
+          badge: document.getElementById('conn-state').textContent,
+          options: [...document.querySelectorAll('#model option')].map(o => o.value),
+          canvas: (c => [c.width, c.height])(document.getElementById('avatar')),
+          frames: document.getElementById('info-frames').textContent,
+          size: document.getElementById('info-size').textContent,
+          loaded: window.lipsync.store.loaded,
+          ids: [...document.querySelectorAll('[id]')].map(e => e.id),
+          box: (() => { const r = document.getElementById('avatar').getBoundingClientRect();
+                        return [r.width, r.height]; })(),
+        })"""
+    )
+    assert state["badge"] == "Connected"
+    assert state["options"] == ["tiny"]
+    assert state["canvas"] == [320, 240]
+    assert state["frames"] == "16" and state["loaded"] == 16
+    assert state["size"] == "320 × 240"
+    assert len(state["ids"]) == len(set(state["ids"])), "element ids must be unique"
+    width, height = state["box"]
+    assert width > 320 and abs(width / height - 320 / 240) < 0.02, "scaled at its aspect ratio"
+    _screenshot(page, "browser-loaded.png")
+    assert console.problems() == []
+
+
+def test_keyboard_reaches_the_talk_button(page, system):
+    """Tab moves through real controls to the microphone button, with a visible focus ring."""
+    page, console = page
+    _open_and_load(page, system)
+    seen = []
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate("document.activeElement.id"))
+        if seen[-1] == "mic":
+            break
+    assert "mic" in seen, seen
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"
+    assert console.problems() == []
+
+
+def test_phone_layout_fits_the_screen(browser, system):
+    """On a phone-sized screen nothing scrolls sideways and the canvas fits the width."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    try:
+        page = context.new_page()
+        console = Console(page)
+        _open_and_load(page, system)
+        widths = page.evaluate(
+            """() => ({doc: document.documentElement.scrollWidth, view: window.innerWidth,
+                      canvas: document.getElementById('avatar').getBoundingClientRect().width})"""
+        )
+        assert widths["doc"] <= widths["view"]
+        assert widths["canvas"] <= widths["view"]
+        _screenshot(page, "browser-phone.png")
+        assert console.problems() == []
+    finally:
+        context.close()
+
+
+def test_page_reconnects_after_the_gateway_restarts(page, system):
+    """SIGKILL the gateway: the page says so and counts down; supervisord restarts the
+    gateway and the page reconnects and lists the models by itself."""
+    page, console = page
+    _open_and_load(page, system)
+    pid = system.gateway_pid()
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    page.wait_for_function(
+        "document.getElementById('conn-state').dataset.state === 'waiting'", timeout=20_000
+    )
+    text = page.text_content("#conn-state")
+    assert re.fullmatch(r"Gateway gone, reconnecting in \d+ s", text), text
+    _screenshot(page, "browser-reconnecting.png")
+    page.wait_for_function(
+        "document.getElementById('conn-state').dataset.state === 'open'", timeout=60_000
+    )
+    assert system.gateway_pid() not in (0, pid), "a new gateway process serves the page"
+    page.wait_for_function(
+        "document.querySelector('#model option[value=\"tiny\"]') !== null"
+        " && !document.getElementById('mic').disabled",
+        timeout=30_000,
+    )
+    assert console.problems(allow=BROWSER_OWN_ERRORS) == []
+
+
+def test_no_models_says_so(browser, processes: Processes):
+    """A gateway whose broker has no worker: the page says there is no avatar, and why."""
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    port = free_port()
+    processes.start("broker", "--frontend", frontend, "--backend", backend)
+    processes.start("gateway", "--broker", frontend, "--port", str(port))
+    wait_until(lambda: _health(port) != 0, timeout=60, what="the gateway to listen")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        console = Console(page)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function(
+            "document.getElementById('error').textContent.includes('No avatars')", timeout=30_000
+        )
+        assert page.is_disabled("#mic")
+        assert page.is_disabled("#model")
+        assert console.problems() == []
+    finally:
+        context.close()
+
+
+def test_protocol_module_matches_the_python_codecs(page, system):
+    """web/protocol.js writes and reads the same bytes as the gateway's codecs: the audio
+    chunk it sends, the tagged frames and video frames it receives."""
+    from shared.browser import ResponseC, VideoFrameD
+    from shared.streamproto import TaggedFrame, encode_audio_chunk, encode_tagged_frame
+
+    page, console = page
+    page.goto(system.url)
+    pcm = np.array([0, 1, -1, 32767, -32768, 1234], dtype="<i2")
+    tagged = TaggedFrame(
+        stream=0xDEADBEEF,
+        seq=7,
+        frame_id=12,
+        audio_ms=280,
+        flags=0b011,
+        bounds=(10.5, 20.0, 110.25, 140.0),
+        processing_us=12345,
+        worker="worker_00@héte",
+        image=b"\xff\xd8jpeg",
+    )
+    video = VideoFrameD(frame_id=9, video_type="full_body", image=b"\xff\xd8JPG")
+    result = ResponseC(frame_id=3, processing_time_ms=31, image=b"\xff\xd8C", bounds=(1, 2, 3, 4))
+    got = page.evaluate(
+        """async ([pcm, tagged, video, result]) => {
+          const p = await import('./protocol.js');
+          const buf = (bytes) => new Uint8Array(bytes).buffer;
+          const plain = (o) => Object.fromEntries(Object.entries(o).map(
+            ([k, v]) => [k, v instanceof Uint8Array ? [...v] : v]));
+          return {
+            chunk: [...new Uint8Array(p.encodeAudioChunk(0x01020304, Int16Array.from(pcm)))],
+            tagged: plain(p.parseTaggedFrame(buf(tagged))),
+            video: plain(p.parseVideoFrame(buf(video))),
+            result: plain(p.parseInferenceResult(buf(result))),
+            kinds: [tagged, video, result].map((b) => p.binaryKind(buf(b))),
+          };
+        }""",
+        [
+            pcm.tolist(),
+            list(encode_tagged_frame(tagged)),
+            list(video.serialize()),
+            list(result.serialize()),
+        ],
+    )
+    assert bytes(got["chunk"]) == encode_audio_chunk(0x01020304, pcm.tobytes())
+    t = got["tagged"]
+    assert (t["stream"], t["seq"], t["frameId"], t["audioMs"]) == (0xDEADBEEF, 7, 12, 280)
+    assert (t["idle"], t["composite"], t["noImage"]) == (True, True, False)
+    assert t["bounds"] == [10.5, 20.0, 110.25, 140.0]
+    assert (t["processingUs"], t["workerId"]) == (12345, "worker_00@héte")
+    assert bytes(t["image"]) == tagged.image
+    v = got["video"]
+    assert (v["frameId"], v["videoType"], bytes(v["jpeg"])) == (9, "full_body", video.image)
+    r = got["result"]
+    assert (r["success"], r["frameId"], r["processingMs"]) == (True, 3, 31)
+    assert (bytes(r["image"]), r["bounds"]) == (result.image, [1, 2, 3, 4])
+    assert got["kinds"] == ["tagged_frame", "video_frame", "inference"]
+    assert console.problems() == []
