@@ -325,6 +325,8 @@ class WorkerRuntime:
         )
 
     def _new_session(self) -> None:
+        """Forget what we hold: counted once here as ``dropped``; queued jobs of the old
+        session are skipped later, answers of it that still finish are not sent."""
         self._session += 1
         if self._held:
             self.counters.add("dropped", self._held)
@@ -516,8 +518,8 @@ class WorkerRuntime:
                 keep: deque[Job] = deque()
                 for job in q:
                     if job.session != session:
-                        self.counters.add("dropped")
-                    elif job.deadline <= now:
+                        continue  # counted as dropped when the session ended
+                    if job.deadline <= now:
                         self.counters.add("expired")
                         self._error(
                             out, job, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before compute"
@@ -611,8 +613,7 @@ class WorkerRuntime:
 
     def _video_frame(self, out: _Outbox, job: Job) -> None:
         if job.session != self._session:
-            self.counters.add("dropped")
-            return
+            return  # counted as dropped when the session ended
         if job.deadline <= time.monotonic():
             self.counters.add("expired")
             self._error(out, job, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before compute")
