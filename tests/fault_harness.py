@@ -76,13 +76,14 @@ class FaultSystem(System):
         max_batch: int = 4,
         capacity: int = 0,
         max_delay_ms: float = 2,
+        jpeg_bytes: int = 20_000,
     ) -> subprocess.Popen[bytes]:
         proc = self.processes.start(
             "worker", "--backend", "null", "--broker", self.backend,
             "--models-dir", str(self.models_dir), "--worker-id", name,
             "--null-delay-ms", str(delay_ms), "--max-batch", str(max_batch),
             "--capacity", str(capacity), "--max-delay-ms", str(max_delay_ms),
-            env=FAST_BEATS, name=name,
+            env={**FAST_BEATS, "LIPSYNC_NULL_JPEG_BYTES": str(jpeg_bytes)}, name=name,
         )  # fmt: skip
         self.workers[name] = proc
         return proc

@@ -38,6 +38,7 @@ from shared.errors import ErrorCode
 
 
 __all__ = [
+    "ABANDONED",
     "CLOSED",
     "LOST",
     "Ledger",
@@ -200,10 +201,10 @@ class LedgerClient:
             await self.ws.close()
             self.ws = None
 
-    async def drop(self) -> None:
-        """Abandon the connection without a close handshake (a browser tab killed), with
-        whatever is outstanding: those requests are counted ``abandoned``."""
-        if self.ws is not None:
+    async def leave(self, *, abort: bool = False) -> None:
+        """Leave with whatever is outstanding (those requests are counted ``abandoned``):
+        with a close handshake, or with ``abort`` without one (a browser tab killed)."""
+        if abort and self.ws is not None:
             self.ws.transport.abort()
         await self.close()
         self._settle_all(ABANDONED)
