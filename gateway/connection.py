@@ -75,9 +75,10 @@ FEATURES = (
     "quality",
     "pipelining",
     "error_codes",
+    "streams",
+    "tagged_frames",
 )
-"""What ``hello`` offers. ``streams`` and ``tagged_frames`` are reserved (docs/streams.md)
-and offered once implemented."""
+"""What ``hello`` offers (``streams``, ``tagged_frames``: docs/streams.md)."""
 
 STREAM_TYPES = frozenset({"stream_start", "stream_stop", "stream_interrupt"})
 MODES = ("crop", "composite")
@@ -127,6 +128,10 @@ class Connection:
             max_waiting=self.config.max_in_flight + self.config.max_send_queue
         )
         self.tasks: set[asyncio.Task[None]] = set()
+        # server-driven streams (docs/streams.md): their own bounds, not max_in_flight
+        self.streams = gateway.streams.connection(
+            request=gateway.broker.request, send=self._stream_send
+        )
         self.received = 0
         self._refusals_dropped = 0  # layout A refusals with no room left to wait in order
         # per-connection settings, changed by hello
@@ -153,6 +158,7 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
+            await self.streams.close()
             for task in list(self.tasks):
                 task.cancel()  # the broker client sends CANCEL for each
             if self.tasks:
@@ -192,6 +198,12 @@ class Connection:
         size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
         self.metrics.bytes_out.inc(size)
         self.metrics.messages_out.labels(kind).inc()
+
+    async def _stream_send(self, data: bytes | str) -> None:
+        if isinstance(data, bytes):
+            self.outbox.put(data, "tagged")
+        else:
+            self._put_json(data)
 
     def _on_drop(self, kind: str) -> None:
         self.metrics.dropped.labels(kind).inc()
@@ -258,6 +270,9 @@ class Connection:
     # -- binary: layouts A and B -------------------------------------------------------
 
     def _on_binary(self, data: bytes, t0: float) -> None:
+        if data[:1] == b"\x00":  # this project's own: a stream's audio chunk
+            self.streams.handle_audio(data)
+            return
         try:
             request = parse_binary_request(data)
         except ProtocolError as exc:
@@ -358,14 +373,18 @@ class Connection:
         elif kind == "hello":
             self._hello(request, t0)
         elif kind in STREAM_TYPES:
-            self._done("stream", ErrorCode.BAD_REQUEST.value, t0, broker=False)
-            self._put_json(
-                stream_error_message(
-                    request.extra.get("stream"),
-                    ErrorCode.BAD_REQUEST.value,
-                    "streams are not available on this gateway yet",
+            self._done("stream", "ok", t0, broker=False)
+            if self.gateway.shutting_down and kind == "stream_start":
+                self._put_json(
+                    stream_error_message(
+                        request.extra.get("stream"),
+                        ErrorCode.SHUTTING_DOWN.value,
+                        "server shutting down",
+                    )
                 )
-            )
+            else:
+                fields = {**request.extra, "type": kind, "model_name": request.model_name}
+                self.streams.handle_json(fields)
         else:
             self._done("unknown", ErrorCode.BAD_REQUEST.value, t0, broker=False)
             self._put_json(unknown_type_message(kind))

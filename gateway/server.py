@@ -29,6 +29,7 @@ from gateway.health import HealthCache
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
 from gateway.security import Guard
 from gateway.static import StaticFiles, default_web_dir
+from gateway.streams import StreamHub
 from shared.browser import dumps
 from shared.config import GatewayConfig
 from shared.logs import setup_logging
@@ -60,6 +61,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.broker_up.set_function(lambda: float(self.broker.broker_alive))
         self.health = HealthCache(self.broker)
+        self.streams = StreamHub(registry=self.metrics.registry)
         self.static = StaticFiles(config.web_dir or default_web_dir())
         self.guard = Guard(
             host=config.host,
