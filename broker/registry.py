@@ -10,6 +10,7 @@ a slow worker then naturally gets less work without anyone measuring its speed.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from broker.requests import Pending
 
-__all__ = ["GatewayRecord", "Registry", "WorkerRecord"]
+__all__ = ["AFFINITY_LIMIT", "GatewayRecord", "Registry", "WorkerRecord"]
+
+AFFINITY_LIMIT = 10_000
+"""Streams whose last worker is remembered (docs/streams.md: a stream's requests go to the
+same worker while it lives, where its audio features are cached)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +69,7 @@ class Registry:
         self._workers: dict[bytes, WorkerRecord] = {}
         self._holders: dict[str, list[WorkerRecord]] = {}
         self._tick = itertools.count()
+        self._affinity: OrderedDict[tuple[bytes, str], WorkerRecord] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -106,9 +112,23 @@ class Registry:
     def models(self) -> list[str]:
         return sorted(self._holders)
 
-    def choose(self, model: str) -> WorkerRecord | None:
+    def choose(self, model: str, stream: tuple[bytes, str] | None = None) -> WorkerRecord | None:
         """The holder of ``model`` with the most free credits (ties: least recently used),
-        or None when every holder is full."""
+        or None when every holder is full.
+
+        A stream's request (``stream`` = gateway identity, ``opts.stream``) goes to the
+        worker that served the stream last if it is still registered, holds the model and
+        has a free credit (its cache of the stream's audio features is warm there); else
+        the choice above."""
+        if stream is not None:
+            last = self._affinity.get(stream)
+            if (
+                last is not None
+                and self._workers.get(last.identity) is last
+                and model in last.models
+                and last.free > 0
+            ):
+                return last
         best: WorkerRecord | None = None
         for record in self._holders.get(model, ()):
             free = record.free
@@ -126,5 +146,10 @@ class Registry:
         """Any live worker, most free credits first (admin ops that name no worker)."""
         return max(self._workers.values(), key=lambda r: (r.free, -r.last_assigned), default=None)
 
-    def assigned(self, record: WorkerRecord) -> None:
+    def assigned(self, record: WorkerRecord, stream: tuple[bytes, str] | None = None) -> None:
         record.last_assigned = next(self._tick)
+        if stream is not None:
+            self._affinity[stream] = record
+            self._affinity.move_to_end(stream)
+            if len(self._affinity) > AFFINITY_LIMIT:
+                self._affinity.popitem(last=False)

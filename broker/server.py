@@ -306,7 +306,7 @@ class Broker:
             return
         p = self._accept(identity, header, payload, now + ttl_ms / 1000)
         if not queue:
-            worker = self.registry.choose(model)
+            worker = self.registry.choose(model, _stream(p))
             if worker is not None:
                 if not self._send_request(worker, p, now):
                     self._requeue(p)
@@ -535,7 +535,7 @@ class Broker:
         """Hand queued requests of ``model`` to workers while any has a free credit."""
         queue = self.queues.get(model)
         while queue:
-            worker = self.registry.choose(model)
+            worker = self.registry.choose(model, _stream(queue[0]))
             if worker is None:
                 break
             p = queue.popleft()
@@ -572,7 +572,7 @@ class Broker:
         p.worker = worker
         p.attempts += 1
         worker.in_flight[p.bid] = p
-        self.registry.assigned(worker)
+        self.registry.assigned(worker, _stream(p))
         self._timers.push(p.deadline + INFLIGHT_GRACE_S, p.bid)
         if self._debug:
             logger.debug("> request %d to %s (ttl %d ms)", p.bid, worker.id, ttl_ms)
@@ -798,6 +798,12 @@ def _curve_secret(path: str) -> bytes:
     if secret is None:
         raise ValueError(f"{path}: no curve secret key in this file")
     return secret
+
+
+def _stream(p: Pending) -> tuple[bytes, str] | None:
+    """The affinity key of a stream frame's request (docs/streams.md), else None."""
+    key = p.header.opts.get("stream")
+    return (p.gateway, key) if isinstance(key, str) and key else None
 
 
 def _frame_len(frame: Any) -> int:
