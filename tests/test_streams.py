@@ -1,0 +1,473 @@
+"""Server-driven streams end to end (docs/streams.md): real broker, workers and gateway
+processes on loopback, a real WebSocket client pushing audio in real time.
+
+What is checked: frames come in sequence order, evenly paced (the p95 gap is printed, not
+asserted), on the ping-pong frame walk, with timestamps covering the audio; silence gives
+idle frames that cost no inference; an interrupt stops frames at once and the stream goes
+on with new audio; concurrent streams on different models never mix; the same audio gives
+the same picture on any worker; the broker keeps a stream on one worker (affinity) but not
+at the price of credits. Bounds are generous: the CI machine has 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Processes, free_port, wait_until
+from gateway_harness import http_get, metrics
+from speechlike import speechlike
+from websockets.asyncio.client import ClientConnection, connect
+
+from shared.streamproto import encode_audio_chunk, parse_tagged_frame
+from shared.streamtime import frames_in, lookahead_ms, walk_frame
+
+
+pytestmark = pytest.mark.slow
+
+BEATS = {"LIPSYNC_HEARTBEAT_S": "0.2", "LIPSYNC_LIVENESS": "5"}
+RATE = 16_000
+CHUNK_S = 0.02
+
+
+# -- system -------------------------------------------------------------------------------------
+
+
+class System:
+    """Broker, workers and a gateway as real processes (killed by ``processes``)."""
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.frontend = f"tcp://127.0.0.1:{free_port()}"
+        self.backend = f"tcp://127.0.0.1:{free_port()}"
+        self.port = 0
+
+    def broker(self) -> None:
+        self.processes.start(
+            "broker", "--frontend", self.frontend, "--backend", self.backend, env=BEATS
+        )
+
+    def worker(self, models_dir: Path, *, backend: str = "null", name: str = "w", **kw: str):
+        argv = ["worker", "--backend", backend, "--broker", self.backend]
+        argv += ["--models-dir", str(models_dir), "--worker-id", name]
+        for key, value in kw.items():
+            argv += [f"--{key.replace('_', '-')}", value]
+        return self.processes.start(*argv, env=BEATS, name=name)
+
+    def gateway(self, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.processes.start(
+            "gateway", "--port", str(self.port), "--broker", self.frontend, env=env
+        )
+        wait_until(self._health_ok, timeout=60, what="the gateway to answer /health")
+
+    def _health_ok(self) -> bool:
+        try:
+            return http_get(self.port, "/health")[0] in (200, 503)
+        except OSError:
+            return False
+
+    def wait_models(self, *models: str, timeout: float = 120) -> None:
+        def holds() -> bool:
+            try:
+                status, _, body = http_get(self.port, "/health")
+            except OSError:
+                return False
+            return set(models) <= set(json.loads(body).get("models", []))
+
+        wait_until(holds, timeout=timeout, what=f"workers holding {', '.join(models)}")
+
+    def events(self) -> dict[str, float]:
+        """The gateway's stream counters from /metrics."""
+        out = {}
+        for (name, labels), value in metrics(self.port).items():
+            if name == "lipsync_gateway_stream_events_total":
+                out[dict(labels)["event"]] = value
+        return out
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+def null_models(root: Path, counts: dict[str, int]) -> Path:
+    """Package directories the null backend reads its models (and frame counts) from."""
+    for name, frames in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        info = {"videos": {"full_body_img": {"frame_count": frames, "fps": 25}}}
+        (root / name / "package_info.json").write_text(json.dumps(info))
+    return root
+
+
+# -- client -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    """Everything one stream got back, with arrival times."""
+
+    sid: int
+    started: dict[str, Any] | None = None
+    frames: list[tuple[float, Any]] = field(default_factory=list)  # (time, TaggedFrame)
+    messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    ended: dict[str, Any] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for _, m in self.messages if m["type"] == kind]
+
+
+class Client:
+    """One WebSocket with a reader that files every answer under its stream."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.streams: dict[int, Received] = {}
+        self.stray: list[Any] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            now = time.monotonic()
+            if isinstance(message, bytes):
+                frame = parse_tagged_frame(message)
+                self._stream(frame.stream).frames.append((now, frame))
+                continue
+            data = json.loads(message)
+            rec = self.streams.get(data.get("stream"))
+            if rec is None:
+                self.stray.append(data)
+                continue
+            rec.messages.append((now, data))
+            if data["type"] == "stream_started":
+                rec.started = data
+            if data["type"] in ("stream_ended", "stream_error"):
+                rec.ended = data
+                rec.done.set()
+
+    def _stream(self, sid: int) -> Received:
+        return self.streams.setdefault(sid, Received(sid))
+
+    async def start(self, sid: int, model: str, **fields: Any) -> Received:
+        rec = self._stream(sid)
+        msg = {"type": "stream_start", "model_name": model, "stream": sid, **fields}
+        await self.ws.send(json.dumps(msg))
+        await wait_for(lambda: rec.started or rec.ended, what=f"stream {sid} to start")
+        assert rec.started is not None, rec.ended
+        return rec
+
+    async def push(self, sid: int, pcm: np.ndarray, *, realtime: bool = True) -> float:
+        """Send ``pcm`` in 20 ms chunks, in real time; returns when the last went out."""
+        step = int(CHUNK_S * RATE)
+        t0 = time.monotonic()
+        for i in range(0, len(pcm), step):
+            await self.ws.send(encode_audio_chunk(sid, pcm[i : i + step].astype("<i2").tobytes()))
+            if realtime:
+                await asyncio.sleep(max(0.0, t0 + (i + step) / RATE - time.monotonic()))
+        return time.monotonic()
+
+    async def stop(self, sid: int, timeout: float = 60) -> Received:
+        rec = self.streams[sid]
+        await self.ws.send(json.dumps({"type": "stream_stop", "stream": sid}))
+        await wait_for(rec.done.is_set, timeout=timeout, what=f"stream {sid} to end")
+        return rec
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        try:
+            await self._reader
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+async def wait_for(predicate, *, timeout: float = 30, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+@contextlib.asynccontextmanager
+async def client(system: System) -> AsyncIterator[Client]:
+    async with connect(system.url, max_size=None) as ws:
+        c = Client(ws)
+        try:
+            yield c
+        finally:
+            await c.close()
+
+
+def gaps_ms(rec: Received) -> list[float]:
+    times = [t for t, _ in rec.frames]
+    return sorted(1000 * (b - a) for a, b in zip(times, times[1:], strict=False))
+
+
+def p95(values: list[float]) -> float:
+    return values[min(len(values) - 1, int(0.95 * len(values)))] if values else float("nan")
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def null_system(processes, tmp_path) -> System:
+    """Four null models whose frame counts differ (so their frame walks differ)."""
+    models = null_models(tmp_path / "models", {"m5": 5, "m7": 7, "m11": 11, "m13": 13})
+    system = System(processes)
+    system.broker()
+    system.worker(models, name="w1", null_delay_ms="5")
+    system.gateway()
+    system.wait_models("m5", "m7", "m11", "m13")
+    return system
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+async def test_five_seconds_in_real_time(null_system):
+    """125 frames for 5 s of audio, in order, paced, on the walk, covering the audio; the
+    pause gives idle frames that cost no inference."""
+    system = null_system
+    audio = speechlike(5.0, RATE, seed=11, pauses=((2.0, 2.8),))
+    async with client(system) as c:
+        rec = await c.start(7, "m13")
+        assert rec.started == {
+            "type": "stream_started",
+            "stream": 7,
+            "model_name": "m13",
+            "fps": 25.0,
+            "frame_count": 13,
+            "sample_rate": 16000,
+            "mode": "crop",
+            "lookahead_ms": lookahead_ms(25, 16000),
+            "bounds": [480.0, 160.0, 800.0, 480.0],
+        }
+        await c.push(7, audio)
+        await c.stop(7)
+    ended = rec.ended
+    frames = [f for _, f in rec.frames]
+    expected = frames_in(len(audio), 25, RATE)
+    assert expected == 125
+    assert ended is not None and ended["type"] == "stream_ended", ended
+    assert ended["frames"] == len(frames) and ended["frames"] + ended["dropped"] == expected
+    assert len(frames) >= 100, f"{ended['dropped']} of 125 frames dropped"
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(set(seqs)) and seqs[-1] <= expected - 1
+    assert all(f.frame_id == walk_frame(f.seq, 13) for f in frames)
+    assert all(f.audio_ms == f.seq * 40 for f in frames)
+    assert frames[0].audio_ms <= 80 and frames[-1].audio_ms >= 4880  # covers the audio
+    idle = [f for f in frames if f.idle]
+    spoken = [f for f in frames if not f.idle]
+    assert all(2000 <= f.audio_ms <= 2800 for f in idle) and len(idle) >= 10
+    assert all(f.no_image and not f.image for f in idle)
+    assert all(f.image[:2] == b"\xff\xd8" and f.worker == "w1" for f in spoken)
+    assert ended["idle_frames"] == len(idle)
+    events = system.events()
+    assert events["inferred"] <= expected - len(idle)  # idle frames asked nobody
+    gaps = gaps_ms(rec)
+    print(
+        f"\n5 s stream: {len(frames)} frames ({len(idle)} idle, {ended['dropped']} dropped), "
+        f"inter-frame gap p50 {gaps[len(gaps) // 2]:.1f} ms p95 {p95(gaps):.1f} ms "
+        f"max {gaps[-1]:.1f} ms"
+    )
+    status, _, body = http_get(system.port, "/metrics")
+    assert b"lipsync_gateway_stream_latency_seconds_bucket" in body
+
+
+async def test_silence_costs_no_inference(null_system):
+    system = null_system
+    before = system.events().get("inferred", 0)
+    async with client(system) as c:
+        rec = await c.start(1, "m5", mode="composite")
+        await c.push(1, np.zeros(RATE, np.int16), realtime=False)
+        await c.stop(1)
+    frames = [f for _, f in rec.frames]
+    assert rec.ended is not None and rec.ended["type"] == "stream_ended"
+    assert len(frames) + rec.ended["dropped"] == 25 and len(frames) >= 15
+    assert all(f.idle and f.composite and f.image[:2] == b"\xff\xd8" for f in frames)
+    assert rec.ended["idle_frames"] == len(frames)
+    assert system.events().get("inferred", 0) == before
+
+
+async def test_interrupt_stops_frames_at_once_and_the_stream_goes_on(null_system):
+    system = null_system
+    audio = speechlike(4.0, RATE, seed=12)
+    async with client(system) as c:
+        rec = await c.start(3, "m7")
+        pushing = asyncio.create_task(c.push(3, audio))
+        await wait_for(lambda: len(rec.frames) >= 15, timeout=30, what="15 frames")
+        pushing.cancel()
+        try:
+            await pushing
+        except asyncio.CancelledError:
+            pass
+        t_interrupt = time.monotonic()
+        await c.ws.send(json.dumps({"type": "stream_interrupt", "stream": 3}))
+        await wait_for(lambda: rec.of_type("stream_interrupted"), what="stream_interrupted")
+        (t_answer,) = [t for t, m in rec.messages if m["type"] == "stream_interrupted"]
+        after = [t for t, _ in rec.frames if t > t_interrupt]
+        last_seq = rec.frames[-1][1].seq
+        count = len(rec.frames)
+        await asyncio.sleep(0.6)  # no audio: nothing may come
+        assert len(rec.frames) == count
+        # a new epoch: time restarts at 0, sequence numbers and the walk carry on
+        await c.push(3, speechlike(1.0, RATE, seed=13))
+        await c.stop(3)
+    print(
+        f"\ninterrupt: answered in {1000 * (t_answer - t_interrupt):.1f} ms, "
+        f"{len(after)} frame(s) after it was sent"
+    )
+    assert len(after) <= 2  # at most what was already on its way
+    new = [f for _, f in rec.frames[count:]]
+    assert new and new[0].seq > last_seq and new[0].audio_ms < 200
+    assert all(f.frame_id == walk_frame(f.seq, 7) for _, f in rec.frames)
+    assert rec.ended is not None and rec.ended["type"] == "stream_ended"
+    assert system.events()["interrupts"] >= 1
+
+
+async def test_concurrent_streams_on_different_models_never_mix(null_system):
+    system = null_system
+    models = {21: "m5", 22: "m7", 23: "m11", 24: "m13"}
+    counts = {"m5": 5, "m7": 7, "m11": 11, "m13": 13}
+    audio = {sid: speechlike(2.0, RATE, seed=sid) for sid in models}
+    recs: dict[int, Received] = {}
+    # two connections, two streams each
+    async with client(system) as a, client(system) as b:
+        owners = {21: a, 22: a, 23: b, 24: b}
+        for sid, model in models.items():
+            recs[sid] = await owners[sid].start(sid, model)
+        await asyncio.gather(*(owners[sid].push(sid, audio[sid]) for sid in models))
+        await asyncio.gather(*(owners[sid].stop(sid) for sid in models))
+        assert not a.stray and not b.stray
+    for sid, model in models.items():
+        rec = recs[sid]
+        frames = [f for _, f in rec.frames]
+        assert rec.ended is not None and rec.ended["type"] == "stream_ended", rec.ended
+        assert rec.ended["frames"] + rec.ended["dropped"] == 50
+        assert len(frames) >= 35
+        assert all(f.stream == sid for f in frames)
+        assert all(f.frame_id == walk_frame(f.seq, counts[model]) for f in frames)
+        assert [f.seq for f in frames] == sorted({f.seq for f in frames})
+
+
+async def test_bad_stream_messages_are_answered(null_system):
+    system = null_system
+    async with client(system) as c:
+        rec = c._stream(5)
+        await c.ws.send(json.dumps({"type": "stream_start", "model_name": "nope", "stream": 5}))
+        await c.ws.send(json.dumps({"type": "stream_start", "model_name": "m5", "quality": 0}))
+        await c.ws.send(json.dumps({"type": "stream_stop", "stream": 99}))
+        await c.ws.send(encode_audio_chunk(98, b"\x00\x00"))
+        await c.ws.send(b"\x00\x01\x05")
+        await wait_for(lambda: len(c.stray) >= 4, what="four stray errors")
+        await wait_for(rec.done.is_set, what="stream 5's error")
+        assert rec.ended is not None and rec.ended["code"] == "unknown_model"
+        errors = [(m.get("stream"), m["code"], m["error"]) for m in c.stray]
+        assert (None, "bad_request", "quality must be an integer 1..100") in errors
+        assert (99, "bad_request", "unknown stream") in errors
+        assert (98, "bad_request", "audio for an unknown stream") in errors
+        assert (None, "bad_request", "audio chunk shorter than its header") in errors
+        # the connection still works
+        rec = await c.start(6, "m5")
+        await c.stop(6)
+        assert rec.ended is not None and rec.ended["frames"] == 0
+
+
+async def test_same_audio_gives_the_same_frame_on_any_worker(processes, tiny_package):
+    """Two torch workers: a stream served by one, then the same audio served by the other
+    (the first is gone), give the same pictures frame by frame."""
+    cv2 = pytest.importorskip("cv2")
+    system = System(processes)
+    system.broker()
+    first = system.worker(tiny_package, backend="torch", name="t1", threads="1")
+    # A busy 2-core CPU runs the tiny model far below 25 fps: let frames be late, not dropped.
+    system.gateway(env={"LIPSYNC_STREAM_GRACE_FRAMES": "2000", "LIPSYNC_STREAM_TTL_MS": "60000"})
+    system.wait_models("tiny", timeout=180)
+    audio = speechlike(1.2, RATE, seed=21)
+    runs: list[dict[int, Any]] = []
+    for sid in (1, 2):
+        async with client(system) as c:
+            rec = await c.start(sid, "tiny", quality=95)
+            await c.push(sid, audio)
+            await c.stop(sid, timeout=120)
+        assert rec.ended is not None and rec.ended["type"] == "stream_ended", rec.ended
+        runs.append({f.seq: f for _, f in rec.frames if not f.idle})
+        if sid == 1:  # hand over to a second worker
+            system.worker(tiny_package, backend="torch", name="t2", threads="1")
+            await wait_for(lambda: _workers(system) >= 2, timeout=180, what="worker t2")
+            first.kill()
+            await wait_for(lambda: _workers(system) == 1, timeout=60, what="t1 gone")
+    assert {f.worker for f in runs[0].values()} == {"t1"}
+    assert {f.worker for f in runs[1].values()} == {"t2"}
+    common = sorted(set(runs[0]) & set(runs[1]))
+    identical = sum(runs[0][s].image == runs[1][s].image for s in common)
+    print(f"\nsame audio on two workers: {len(common)} frames in common, {identical} identical")
+    assert len(common) >= 20
+    for seq in common:
+        a, b = runs[0][seq], runs[1][seq]
+        assert a.frame_id == b.frame_id and a.bounds == b.bounds
+        if a.image == b.image:
+            continue
+        pa = cv2.imdecode(np.frombuffer(a.image, np.uint8), cv2.IMREAD_COLOR).astype(int)
+        pb = cv2.imdecode(np.frombuffer(b.image, np.uint8), cv2.IMREAD_COLOR).astype(int)
+        assert np.abs(pa - pb).mean() < 0.5, seq
+
+
+def _workers(system: System) -> int:
+    status, _, body = http_get(system.port, "/health")
+    return int(json.loads(body).get("workers", 0))
+
+
+async def test_broker_keeps_a_stream_on_its_worker_while_it_can(processes, tmp_path):
+    """Affinity: a stream's requests go to the worker that served it last, unless that one
+    has no free credit (then the usual choice) or is gone."""
+    from gateway.brokerclient import BrokerClient
+
+    system = System(processes)
+    system.broker()
+    models = null_models(tmp_path / "models", {"m": 10})
+    workers = {
+        name: system.worker(models, name=name, capacity="1", null_delay_ms="150")
+        for name in ("w1", "w2")
+    }
+    client = BrokerClient(system.frontend, heartbeat_s=0.2, liveness=5)
+    await client.start(wait_s=30)
+    try:
+
+        async def ask(stream: str | None = None) -> str:
+            opts = {"stream": stream} if stream else {}
+            answer = await client.request("infer", model="m", frame=1, opts=opts, ttl_ms=10_000)
+            return answer.header.worker
+
+        async def registered() -> bool:
+            stats = (await client.request("stats")).header.result
+            return len(stats["workers"]) == 2
+
+        deadline = time.monotonic() + 60
+        while not await registered():
+            assert time.monotonic() < deadline, "workers did not register"
+            await asyncio.sleep(0.1)
+        plain = [await ask() for _ in range(4)]
+        assert set(plain) == {"w1", "w2"}  # idle workers take turns
+        for key in ("a", "b", "c"):
+            assert len({await ask(key) for _ in range(4)}) == 1
+        await ask("d")  # "d" now has a worker
+        both = await asyncio.gather(ask("d"), ask("d"))  # capacity 1: one must go elsewhere
+        assert set(both) == {"w1", "w2"}
+        home = await ask("e")
+        workers[home].kill()
+        other = ({"w1", "w2"} - {home}).pop()
+        assert await ask("e") == other  # its worker is gone: the stream moves
+    finally:
+        await client.close()
