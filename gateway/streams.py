@@ -208,6 +208,7 @@ class StreamMetrics:
         "frames_sent",
         "idle_frames",
         "inferred",  # infer requests sent
+        "idle_fetches",  # raw full frames fetched for composite idle frames (cache misses)
         "dropped",
         "audio_chunks",
         "audio_rejected",  # malformed chunks, chunks for unknown streams, audio after stop
@@ -262,12 +263,17 @@ class StreamMetrics:
 class IdleFrames:
     """Raw ``full_body`` JPEGs that composite-mode idle frames show, per (model, frame,
     quality), in a small LRU bounded by count and bytes. Shared by all streams: a silent
-    stream walks the same few frames again and again."""
+    stream walks the same few frames again and again. Concurrent requests for one frame
+    share one fetch, which finishes even if the frame that started it is dropped."""
 
-    def __init__(self, max_items: int, max_bytes: int) -> None:
+    def __init__(
+        self, max_items: int, max_bytes: int, metrics: StreamMetrics | None = None
+    ) -> None:
+        self.metrics = metrics
         self.max_items = max_items
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._loading: dict[tuple[str, int, int], asyncio.Task[bytes]] = {}
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -284,7 +290,20 @@ class IdleFrames:
             self._items.move_to_end(key)
             self.hits += 1
             return jpeg
-        self.misses += 1
+        task = self._loading.get(key)
+        if task is None:
+            self.misses += 1
+            if self.metrics is not None:
+                self.metrics.add("idle_fetches")
+            task = asyncio.ensure_future(self._fetch(request, key, ttl_ms))
+            self._loading[key] = task
+            task.add_done_callback(lambda t, key=key: self._done(key, t))
+        else:
+            self.hits += 1
+        return await asyncio.shield(task)
+
+    async def _fetch(self, request: RequestFn, key: tuple[str, int, int], ttl_ms: int) -> bytes:
+        model, frame_id, quality = key
         answer = await request(
             "video_frame",
             model=model,
@@ -303,6 +322,11 @@ class IdleFrames:
                 self._bytes -= len(old)
         return jpeg
 
+    def _done(self, key: tuple[str, int, int], task: asyncio.Task[bytes]) -> None:
+        self._loading.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters (if any are left) got it too
+
 
 class StreamHub:
     """What every stream of a gateway shares. ``connection()`` makes a connection's
@@ -313,7 +337,9 @@ class StreamHub:
     ) -> None:
         self.limits = limits if limits is not None else from_env(StreamLimits)
         self.metrics = StreamMetrics(registry)
-        self.idle_frames = IdleFrames(self.limits.idle_cache_items, self.limits.idle_cache_bytes)
+        self.idle_frames = IdleFrames(
+            self.limits.idle_cache_items, self.limits.idle_cache_bytes, self.metrics
+        )
         self.token = secrets.token_hex(4)
         self._connections = 0
         self._streams: set[Stream] = set()

@@ -297,7 +297,9 @@ async def test_silence_costs_no_inference(null_system):
     assert len(frames) + rec.ended["dropped"] == 25 and len(frames) >= 15
     assert all(f.idle and f.composite and f.image[:2] == b"\xff\xd8" for f in frames)
     assert rec.ended["idle_frames"] == len(frames)
-    assert system.events().get("inferred", 0) == before
+    events = system.events()
+    assert events.get("inferred", 0) == before
+    assert 1 <= events["idle_fetches"] <= 5  # the five full frames of m5, each fetched once
 
 
 async def test_interrupt_stops_frames_at_once_and_the_stream_goes_on(null_system):
@@ -471,3 +473,39 @@ async def test_broker_keeps_a_stream_on_its_worker_while_it_can(processes, tmp_p
         assert await ask("e") == other  # its worker is gone: the stream moves
     finally:
         await client.close()
+
+
+async def test_limits_end_streams_cleanly(null_system):
+    """Audio far ahead of the frames ends the stream; the per-connection bound refuses a
+    stream; neither harms the connection's other streams."""
+    system = null_system
+    async with client(system) as c:
+        flood = await c.start(40, "m5")
+        await c.push(40, speechlike(12.0, RATE, seed=40), realtime=False)
+        await wait_for(flood.done.is_set, what="the flooded stream to end")
+        assert flood.ended is not None and flood.ended["type"] == "stream_error"
+        assert flood.ended["code"] == "overloaded" and "ahead of the frames" in flood.ended["error"]
+        recs = [await c.start(50 + i, "m7") for i in range(8)]
+        extra = c._stream(60)
+        await c.ws.send(json.dumps({"type": "stream_start", "model_name": "m7", "stream": 60}))
+        await wait_for(extra.done.is_set, what="the ninth stream's refusal")
+        assert extra.ended is not None and extra.ended["code"] == "overloaded"
+        for rec in recs:
+            await c.stop(rec.sid)
+            assert rec.ended is not None and rec.ended["type"] == "stream_ended"
+
+
+def test_latency_histogram_is_bounded_and_close():
+    from gateway.streams import LatencyHistogram
+
+    h = LatencyHistogram()
+    assert h.quantile(0.5) is None
+    values = np.random.default_rng(0).uniform(400, 600, 20_000)
+    for v in values:
+        h.observe(float(v))
+    h.observe(10**9)  # beyond the last bucket: counted, not stored
+    assert len(h._counts) < 700
+    for q in (0.5, 0.95):
+        exact = float(np.quantile(values, q))
+        assert exact <= h.quantile(q) <= exact * 1.03
+    assert h.snapshot()["count"] == 20_001
