@@ -28,7 +28,7 @@ from lipsync.bench.report import format_run, machine, write_json
 from lipsync.bench.stats import Recorder, Window
 
 
-__all__ = ["LoadConfig", "measure", "run_load", "run_sync"]
+__all__ = ["LoadConfig", "measure", "run_load", "run_sync", "touch_frames"]
 
 MODES = ("closed", "sequential", "stream")
 TRACK_S = 20.0  # seconds of test audio, reused round and round
@@ -195,3 +195,51 @@ def run_load(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}", file=sys.stderr)
     r = report["result"]
     return 0 if r["answered"] > 0 else 1
+
+
+VIDEO_TYPES = ("full_body", "crops_328", "rois_320", "model_inputs")
+
+
+async def _touch(url: str, model: str, frame_count: int, rounds: int, clients: int) -> int:
+    """Ask for every frame of every video ``rounds`` times over ``clients`` connections
+    (``get_video_frame``, 4 in flight each); the number of frames answered."""
+    plan = Plan(url=url, model=model, frame_count=frame_count, fps=25.0, mode="closed")
+    work = [
+        json.dumps({"type": "get_video_frame", "model_name": model, "frame_id": f, "video_type": v})
+        for _ in range(rounds)
+        for f in range(frame_count)
+        for v in VIDEO_TYPES
+    ]
+    answered = 0
+
+    async def one(ws: Any, items: list[str]) -> None:
+        nonlocal answered
+        pending = 0
+        it = iter(items)
+        for msg in it:
+            await ws.send(msg)
+            pending += 1
+            if pending >= 4:
+                break
+        async with asyncio.timeout(120):
+            while pending:
+                reply = await ws.recv()
+                pending -= 1
+                answered += isinstance(reply, bytes)
+                nxt = next(it, None)
+                if nxt is not None:
+                    await ws.send(nxt)
+                    pending += 1
+
+    conns = [await open_connection(plan) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(one(ws, work[i::clients]) for i, ws in enumerate(conns)))
+    finally:
+        await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    return answered
+
+
+def touch_frames(url: str, model: str, frame_count: int, *, rounds: int, clients: int) -> int:
+    """Make the workers read every decoded frame (so their mappings of the shared frame
+    caches are fully resident before memory is measured)."""
+    return asyncio.run(_touch(url, model, frame_count, rounds, clients))

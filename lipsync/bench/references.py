@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ async def _direct(
     frontend: str, model: str, frame_count: int, rate: float, seconds: float, audio: bool, mode: str
 ) -> dict[str, Any]:
     from gateway.brokerclient import BrokerClient
+    from shared.errors import ServiceError
 
     track = speech_like(4.0, B_RATE, seed=1) if audio else None
     opts: dict[str, Any] = {"mode": mode}
@@ -67,7 +69,7 @@ async def _direct(
     await client.start(wait_s=10)
     rtt: list[float] = []
     worker: list[float] = []
-    errors = 0
+    errors: Counter[str] = Counter()
     try:
         end = time.monotonic() + seconds
         next_at = time.monotonic()
@@ -81,8 +83,8 @@ async def _direct(
                 answer = await client.request(
                     "infer", model=model, frame=frame, opts=opts, payload=payload
                 )
-            except Exception:
-                errors += 1
+            except ServiceError as exc:
+                errors[exc.code.value] += 1
                 continue
             rtt.append((time.monotonic() - t0) * 1000)
             worker.append(float(answer.header.timings.get("worker", 0.0)))
@@ -91,7 +93,7 @@ async def _direct(
         await client.close()
     return {
         "rate": rate,
-        "errors": errors,
+        "errors": dict(errors),
         "broker_rtt_ms": percentiles(rtt),
         "worker_ms": percentiles(worker),
         "broker_minus_worker_ms": percentiles([r - w for r, w in zip(rtt, worker, strict=True)]),
