@@ -38,6 +38,7 @@ const el = {
   statDropped: $("stat-dropped"),
   statFrames: $("stat-frames"),
   statWorker: $("stat-worker"),
+  statInference: $("stat-inference"),
   form: $("conn-form"),
   url: $("gateway-url"),
   token: $("token"),
@@ -494,9 +495,8 @@ function updateStats() {
   el.statLatency.textContent = s.latencyMs === null ? "–" : `${Math.round(s.latencyMs)} ms`;
   el.statDropped.textContent = String(session.dropped);
   el.statFrames.textContent = `${s.received} (${s.idle} idle)`;
-  el.statWorker.textContent = s.workerId
-    ? `${s.workerId}${s.processingMs ? `, ${s.processingMs.toFixed(0)} ms per frame` : ""}`
-    : "–";
+  el.statWorker.textContent = s.workerId || "–";
+  el.statInference.textContent = s.processingMs ? `${s.processingMs.toFixed(0)} ms per frame` : "–";
 }
 
 el.model.addEventListener("change", () => {

@@ -13,7 +13,10 @@ import { RATE } from "./capture.js";
 
 const START_TIMEOUT_MS = 10000;
 const MARGIN_S = 0.25; // on top of the lookahead: batching, inference, transport
-const MAX_DELAY_S = 3;
+const MAX_DELAY_S = 5;
+const JITTER_MARGIN_S = 0.06; // microphone: kept above the latest recent arrival
+const ARRIVALS_KEPT = 50; // two seconds of frames at 25 fps
+const SHRINK_PER_FRAME_S = 0.008; // at 25 fps: 0.2 s per second, never a visible jump
 const LATENCY_SMOOTHING = 0.1;
 
 export class StreamError extends Error {
@@ -157,6 +160,7 @@ export class StreamSession extends EventTarget {
     this.t0 = null;
     this.delay = this.defaultDelay;
     this.fixedDelay = false;
+    this.arrivals = [];
     this.sentSamples = 0;
     this.lastSeq = null;
     this.#lastDue = 0;
@@ -177,15 +181,26 @@ export class StreamSession extends EventTarget {
     s.latencyMs = s.latencyMs === null ? latency : s.latencyMs + LATENCY_SMOOTHING * (latency - s.latencyMs);
 
     const now = this.audioCtx.currentTime;
-    let due = this.t0 + frame.audioMs / 1000 + this.delay;
-    if (!this.fixedDelay && due < now) {
-      // Microphone: frames come later than the delay allows; grow it (never past MAX) so
-      // the pacing stays even instead of stuttering.
-      this.delay = Math.min(MAX_DELAY_S, this.delay + (now - due) + 0.05);
-      due = this.t0 + frame.audioMs / 1000 + this.delay;
-    }
+    if (!this.fixedDelay) this.#adaptDelay(now - (this.t0 + frame.audioMs / 1000));
+    const due = this.t0 + frame.audioMs / 1000 + this.delay;
     this.#lastDue = Math.max(this.#lastDue, due);
     this.player.schedule(frame, due);
+  }
+
+  /**
+   * Microphone only (nothing is played back, so the delay is free): a jitter buffer just
+   * deep enough for the recent arrivals. It grows at once when a frame comes later than the
+   * delay allows (so pacing stays even instead of stuttering), up to MAX_DELAY_S, and
+   * shrinks slowly back towards the lookahead when frames come early again, so a burst of
+   * slow inference does not leave the avatar lagging for good.
+   */
+  #adaptDelay(arrivalS) {
+    this.arrivals.push(arrivalS);
+    if (this.arrivals.length > ARRIVALS_KEPT) this.arrivals.shift();
+    const floor = (this.lookaheadMs ?? 500) / 1000;
+    const target = Math.min(MAX_DELAY_S, Math.max(floor, ...this.arrivals) + JITTER_MARGIN_S);
+    if (target > this.delay) this.delay = target;
+    else this.delay = Math.max(target, this.delay - SHRINK_PER_FRAME_S);
   }
 
   #message(msg) {
