@@ -51,8 +51,9 @@ EDGES_MS: tuple[float, ...] = tuple(0.25 * _RATIO**k for k in range(4 * 18 + 1))
 """Upper bucket edges, 0.25 ms .. 65.5 s, four per octave; one more bucket above the last."""
 FPS_WINDOW_S = 10
 """frames/s is the count of the last this-many whole seconds (plus the current one)."""
-MAX_MODELS = 256
-"""A worker never tracks more models than this (oldest-touched dropped first)."""
+MAX_MODELS = 64
+"""A worker never tracks more models than this (oldest-touched dropped first), which also
+keeps its heartbeat well under the envelope's 64 KiB header limit."""
 MAX_CODES = 32
 MAX_BATCH_SIZES = 1024
 

@@ -362,16 +362,18 @@ def test_stop_drains_then_disconnects(broker, start_worker):
 
 
 def test_load_and_unload_reannounce(broker, start_worker):
-    """Admin ops run on the worker, which then sends a fresh READY with its models."""
+    """Admin ops run on the worker, which sends a fresh READY with its models before the
+    answer (whoever reads the answer then finds the new model set registered)."""
     _, identity, _ = start_worker()
     broker.send(identity, Request(id=1, op="load_package", model="extra"))
-    _, seen = broker.recv_until(lambda m: m.kind is Kind.READY)
-    reply = next(m.header for m in seen if m.kind is Kind.REPLY)
-    assert reply.result["model"] == "extra"
-    assert sorted(seen[-1].header.models) == ["extra", "m"]
+    _, seen = broker.recv_until(lambda m: m.kind is Kind.REPLY)
+    assert seen[-1].header.result["model"] == "extra"
+    ready = [m.header for m in seen if m.kind is Kind.READY]
+    assert ready and sorted(ready[-1].models) == ["extra", "m"]
     broker.send(identity, Request(id=2, op="unload_package", model="m"))
-    _, seen = broker.recv_until(lambda m: m.kind is Kind.READY)
-    assert sorted(seen[-1].header.models) == ["extra"]
+    _, seen = broker.recv_until(lambda m: m.kind is Kind.REPLY)
+    ready = [m.header for m in seen if m.kind is Kind.READY]
+    assert ready and sorted(ready[-1].models) == ["extra"]
 
 
 # -- the real engine -------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from shared.envelope import (
     peek_id,
 )
 from shared.errors import ErrorCode, ServiceError
+from shared.modelstats import ModelStatsBook
 from workers.backend import Backend, ForwardBatch, InferItem, InferResult, ModelInfo
 
 
@@ -167,6 +168,7 @@ class WorkerRuntime:
         self.dead_after_s = config.heartbeat_s * config.liveness
         self.drain_timeout_s = drain_timeout_s
         self.counters = _Counters()
+        self.model_stats = ModelStatsBook()  # per model, sent in heartbeats (get_stats)
         self._own_context = context is None
         self._context: zmq.Context[Any] = context if context is not None else zmq.Context()
         self._out_address = f"inproc://worker-out-{id(self):x}"
@@ -280,7 +282,9 @@ class WorkerRuntime:
                 backoff = min(backoff * 2, MAX_BACKOFF_S, max(self.heartbeat_s * 16, 1.0))
             if sock is not None and now >= next_beat:
                 next_beat = now + self.heartbeat_s
-                beat = Heartbeat(in_flight=self._held, stats=self.counters.snapshot())
+                stats: dict[str, Any] = dict(self.counters.snapshot())
+                stats["models"] = self.model_stats.snapshot(now)
+                beat = Heartbeat(in_flight=self._held, stats=stats)
                 _send(sock, encode(beat))
 
     def _connect(self) -> zmq.Socket[Any]:
@@ -539,6 +543,7 @@ class WorkerRuntime:
             return
         self.counters.add("computed", len(items))
         self.counters.add("batches")
+        self.model_stats.batch(model, len(items), time.monotonic())
         self._encode_slots.acquire()
         self._encode_q.put(("batch", (batch, jobs)))
 
@@ -546,6 +551,7 @@ class WorkerRuntime:
         """load_package / unload_package, between batches on the compute thread (the
         backend only promises that forward and encode may overlap)."""
         name = job.model or job.opts.get("name", "")
+        started = time.monotonic()
         try:
             if not isinstance(name, str) or not name:
                 raise ServiceError(ErrorCode.BAD_REQUEST, "model name is required")
@@ -554,14 +560,17 @@ class WorkerRuntime:
                 result: dict[str, Any] = {"model": name, "metadata": info.to_map()}
             else:
                 self.backend.unload(name)
+                self.model_stats.drop(name)
                 result = {"model": name, "unloaded": True}
         except Exception as exc:
             self._fail_jobs(out, [job], exc)
             return
-        logger.info("%s %s done", job.op, name)
+        result["time_ms"] = round((time.monotonic() - started) * 1000, 3)
+        logger.info("%s %s done in %.0f ms", job.op, name, result["time_ms"])
+        # READY first: whoever reads the answer then finds the new model set registered.
+        out.control(self._ready_for(self.backend.models()))
         out.answer(job.session, Reply(id=job.rid, worker=self.worker_id, result=result))
         self.counters.add("served")
-        out.control(self._ready_for(self.backend.models()))
 
     def _ready_for(self, models: dict[str, ModelInfo]) -> Ready:
         ready = self._ready()
@@ -610,6 +619,7 @@ class WorkerRuntime:
             )
             out.answer(job.session, reply, [result.jpeg])
             self.counters.add("served")
+            self.model_stats.served(job.model, timings["worker"], now)
 
     def _video_frame(self, out: _Outbox, job: Job) -> None:
         if job.session != self._session:
@@ -644,6 +654,8 @@ class WorkerRuntime:
 
     def _error(self, out: _Outbox, job: Job, code: ErrorCode, message: str) -> None:
         self.counters.add("errors")
+        if job.op == Op.INFER:
+            self.model_stats.failed(job.model, code.value, time.monotonic())
         out.answer(
             job.session, Error(id=job.rid, code=code.value, message=message, worker=self.worker_id)
         )
