@@ -321,7 +321,7 @@ async function ensureSession() {
     mode: el.mode.value,
   });
   session.addEventListener("error", (e) => {
-    showError(`The stream failed: ${e.detail.message}${e.detail.code ? ` (${e.detail.code})` : ""}`);
+    showError(`The stream failed: ${e.detail.message}`);
     if (app.session === session) {
       stopSource();
       session.close();
@@ -465,9 +465,18 @@ async function interrupt() {
     await session.interrupt();
     say(app.source ? "Interrupted: listening again." : "Interrupted.");
   } catch (err) {
-    if (!(err instanceof ConnectionLost)) {
+    if (err instanceof StreamError) {
+      // The gateway says the stream is gone.
+      if (app.session === session) {
+        stopSource();
+        app.session = null;
+      }
+      showError(`The stream failed: ${err.message}`);
+    } else if (!(err instanceof ConnectionLost)) {
       showError(`Interrupt failed: ${err instanceof TimeoutError ? "no answer from the gateway" : errorText(err)}`);
     }
+  } finally {
+    updateButtons();
   }
 }
 

@@ -46,28 +46,33 @@ export function withToken(url, token) {
   return u.toString();
 }
 
-/** The correlation key of an answer from the gateway, or null when it answers no request. */
-function answerKey(msg) {
+/**
+ * The correlation keys an answer from the gateway may settle, most likely first; empty when
+ * it answers no request. A `stream_error` may answer any request about its stream (start,
+ * interrupt or stop) or none (the stream failed on its own).
+ */
+function answerKeys(msg) {
   switch (msg.type) {
     case "model_list":
-      return "list_models";
+      return ["list_models"];
     case "metadata":
-      return `metadata:${msg.model_name}`;
+      return [`metadata:${msg.model_name}`];
     case "video_frame":
-      return `frame:${msg.frame_id}`;
+      return [`frame:${msg.frame_id}`];
     case "stream_started":
+      return [`stream_start:${msg.stream}`];
     case "stream_error":
-      return `stream_start:${msg.stream}`;
+      return [`stream_start:${msg.stream}`, `stream_interrupt:${msg.stream}`, `stream_stop:${msg.stream}`];
     case "stream_interrupted":
-      return `stream_interrupt:${msg.stream}`;
+      return [`stream_interrupt:${msg.stream}`];
     case "stream_ended":
-      return `stream_stop:${msg.stream}`;
+      return [`stream_stop:${msg.stream}`];
     case "hello":
-      return "hello";
+      return ["hello"];
     case "stats":
-      return "get_stats";
+      return ["get_stats"];
     default:
-      return null;
+      return [];
   }
 }
 
@@ -137,7 +142,7 @@ export class Connection extends EventTarget {
   }
 
   /**
-   * Send `message` and wait for its answer (matched by `key`, see answerKey). Rejects with
+   * Send `message` and wait for its answer (matched by `key`, see answerKeys). Rejects with
    * TimeoutError after `timeoutMs` and with ConnectionLost when the socket closes first.
    */
   request(message, key, timeoutMs = 5000) {
@@ -168,7 +173,7 @@ export class Connection extends EventTarget {
 
   /** Hand `answer` to the oldest waiter for `key`; false when nobody waits. */
   #settle(key, answer) {
-    const queue = key === null ? undefined : this.pending.get(key);
+    const queue = this.pending.get(key);
     if (!queue || queue.length === 0) return false;
     const waiter = queue.shift();
     if (queue.length === 0) this.pending.delete(key);
@@ -234,7 +239,7 @@ export class Connection extends EventTarget {
         this.#emit("protocol-error", { error: "gateway sent JSON that is not an object" });
         return;
       }
-      if (!this.#settle(answerKey(msg), msg)) this.#emit("message", msg);
+      if (!answerKeys(msg).some((key) => this.#settle(key, msg))) this.#emit("message", msg);
       return;
     }
     try {

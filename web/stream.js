@@ -121,12 +121,14 @@ export class StreamSession extends EventTarget {
     this.discarding = true;
     this.player.clear();
     this.#resetEpoch();
+    let answer;
     try {
-      await this.connection.request({ type: "stream_interrupt", stream: this.id }, `stream_interrupt:${this.id}`, 5000);
+      answer = await this.connection.request({ type: "stream_interrupt", stream: this.id }, `stream_interrupt:${this.id}`, 5000);
     } finally {
       this.discarding = false;
       this.lastSeq = null;
     }
+    if (answer.type === "stream_error") this.#failed(answer);
   }
 
   /**
@@ -138,6 +140,7 @@ export class StreamSession extends EventTarget {
     const wait = Math.max(5000, (this.lookaheadMs ?? 500) + 5000);
     try {
       const ended = await this.connection.request({ type: "stream_stop", stream: this.id }, `stream_stop:${this.id}`, wait);
+      if (ended.type === "stream_error") this.#failed(ended);
       this.#ended(ended);
       return ended;
     } finally {
@@ -212,6 +215,12 @@ export class StreamSession extends EventTarget {
       this.dispatchEvent(new CustomEvent("ended", { detail: msg }));
       this.close();
     }
+  }
+
+  /** The gateway answered with `stream_error`: the stream is gone. */
+  #failed(msg) {
+    this.close();
+    throw new StreamError(msg.error || "stream failed", msg.code);
   }
 
   #ended(msg) {
