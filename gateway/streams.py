@@ -139,8 +139,10 @@ class StreamLimits:
     max_ahead: int = field(default=8, metadata=_env("max_ahead"))  # issued, not sent, per stream
     max_streams_per_connection: int = field(default=8, metadata=_env("per_connection"))
     max_streams: int = field(default=256, metadata=_env("max_streams"))  # per gateway
-    # a frame may be this many frame times late before it is dropped
+    # a frame may be this many frame times late before the pacer acts on it
     grace_frames: float = field(default=1.0, metadata=_env("grace_frames"))
+    # how far late frames may push a stream's playout back before they are dropped instead
+    max_delay_ms: int = field(default=500, metadata=_env("max_delay_ms"))
     # RMS of the 200 ms around a frame (dBFS), below which it is idle
     silence_dbfs: float = field(default=-45.0, metadata=_env("silence_dbfs"))
     # audio held ahead of the next frame to issue
@@ -210,6 +212,8 @@ class StreamMetrics:
         "inferred",  # infer requests sent
         "idle_fetches",  # raw full frames fetched for composite idle frames (cache misses)
         "dropped",
+        "skipped",  # dropped without asking (part of "dropped"): the workers are behind
+        "delayed",  # a late frame pushed its stream's playout back one frame time
         "audio_chunks",
         "audio_rejected",  # malformed chunks, chunks for unknown streams, audio after stop
     )
@@ -512,11 +516,12 @@ class _Frame:
     idle: bool
     data: bytes | None = None  # the tagged frame, once ready
     failed: ServiceError | None = None
+    skipped: bool = False  # not requested: the workers are not keeping up
     task: asyncio.Task[None] | None = None
 
     @property
     def done(self) -> bool:
-        return self.data is not None or self.failed is not None
+        return self.data is not None or self.failed is not None or self.skipped
 
 
 @dataclass(slots=True)
@@ -580,6 +585,13 @@ class Stream:
         self._frames: dict[int, _Frame] = {}
         self._seq_base = 0  # seq of frame 0 of this epoch (also the walk position)
         self._clock: tuple[float, int] | None = None  # (time of slot of frame j0, j0)
+        self._shift = 0.0  # seconds late frames have pushed the clock back (max_delay_ms)
+        # Inferred frames allowed in flight: halved by each frame dropped for lateness, grown
+        # by one per window of frames in time (AIMD), so that when the workers cannot keep
+        # up the stream asks for fewer frames, each in time, instead of for every frame,
+        # each late (which shows nothing and wastes the workers on frames nobody sees).
+        self._window = float(self.limits.max_ahead)
+        self._inferring = 0
         self._t = _Totals()
         self._changed = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -773,15 +785,16 @@ class Stream:
         now = time.monotonic()
         j = self._next_send
         frame = self._frames.get(j)
-        if frame is not None and frame.failed is not None:
-            self._drop(frame, failed=True)
+        if frame is not None and (frame.failed is not None or frame.skipped):
+            self._drop(frame, failed=not frame.skipped)
             return
         if self._clock is None:
             if frame is None or not frame.done:
                 await self._wait(None)
                 return
             self._clock = (now, j)
-        slot = self._clock[0] + (j - self._clock[1]) / self.fps
+            self._shift = 0.0
+        slot = self._clock[0] + self._shift + (j - self._clock[1]) / self.fps
         if frame is not None and frame.done:
             if now < slot:
                 await self._wait(slot - now)
@@ -794,7 +807,11 @@ class Stream:
             return
         if frame is None:
             self._clock = None  # the client's audio came late: restart the clock on it
+        elif self._shift + 1 / self.fps <= self.limits.max_delay_ms / 1000 + 1e-9:
+            self._shift += 1 / self.fps  # jitter: play this stream a frame later from now on
+            self.metrics.add("delayed")
         else:
+            self._window = max(1.0, self._window / 2)
             self._drop(frame, failed=False)
 
     async def _wait(self, timeout: float | None) -> None:
@@ -811,6 +828,8 @@ class Stream:
         if frame.idle:
             self._t.idle += 1
             self.metrics.add("idle_frames")
+        else:
+            self._window = min(float(self.limits.max_ahead), self._window + 1 / self._window)
         if frame.arrival is not None:
             self.metrics.observe_latency(time.monotonic() - frame.arrival)
         self._pump()
@@ -825,6 +844,8 @@ class Stream:
         self._next_send += 1
         self._t.dropped += 1
         self.metrics.add("dropped")
+        if frame.skipped:
+            self.metrics.add("skipped")
         if failed and frame.failed is not None:
             self._note_failure(frame.failed)
         self._pump()
@@ -878,8 +899,13 @@ class Stream:
             return
         if frame.idle:
             coro = self._idle_composite(frame)
+        elif self._clock is not None and self._inferring >= int(self._window):
+            frame.skipped = True
+            self._changed.set()
+            return
         else:
             self.metrics.add("inferred")
+            self._inferring += 1
             coro = self._infer(frame, self._slice(start, end))
         frame.task = self._spawn(coro)
 
@@ -920,6 +946,7 @@ class Stream:
         except (TypeError, ValueError):
             frame.failed = ServiceError(ErrorCode.INTERNAL, "answer with bad bounds")
         finally:
+            self._inferring -= 1
             self._changed.set()
 
     async def _idle_composite(self, frame: _Frame) -> None:

@@ -509,3 +509,29 @@ def test_latency_histogram_is_bounded_and_close():
         exact = float(np.quantile(values, q))
         assert exact <= h.quantile(q) <= exact * 1.03
     assert h.snapshot()["count"] == 20_001
+
+
+async def test_slow_workers_get_fewer_requests_each_in_time(processes, tmp_path):
+    """A worker at 5 frames/s cannot serve 25: the stream asks for fewer frames (the rest are
+    skipped, never requested) and shows those in time, instead of asking for all and
+    showing none."""
+    models = null_models(tmp_path / "models", {"m": 10})
+    system = System(processes)
+    system.broker()
+    system.worker(models, name="slow", null_delay_ms="200", max_batch="1")
+    system.gateway()
+    system.wait_models("m")
+    async with client(system) as c:
+        rec = await c.start(1, "m")
+        await c.push(1, speechlike(3.0, RATE, seed=3))
+        await c.stop(1)
+    events = system.events()
+    frames = [f for _, f in rec.frames]
+    assert rec.ended is not None and rec.ended["type"] == "stream_ended"
+    assert rec.ended["frames"] + rec.ended["dropped"] == 75
+    print(
+        f"\nslow worker: {len(frames)} frames shown, {events['inferred']:.0f} requested, "
+        f"{events['skipped']:.0f} skipped"
+    )
+    assert len(frames) >= 4
+    assert events["skipped"] >= 30 and events["inferred"] <= 40
