@@ -278,8 +278,9 @@ RECORDER_JS = """
       diff += Math.abs(shown[i] - ref[i]);
       hash = (Math.imul(hash, 31) + shown[i]) | 0;
     }
-    return {seq: d.seq, idle: d.idle, frameId: d.frameId, audioMs: d.audioMs,
-            diff: diff / shown.length, hash, at: performance.now()};
+    return {seq: d.seq, idle: d.idle, composite: d.composite, frameId: d.frameId,
+            audioMs: d.audioMs, diff: diff / shown.length, hash,
+            ctx: app.audioCtx ? app.audioCtx.currentTime : null};
   };
   const loop = () => {
     const d = app.player.lastDrawn;
@@ -424,10 +425,15 @@ def test_microphone_moves_the_mouth_with_speech_only(page, system):
     assert console.problems() == []
 
 
-def test_audio_file_plays_and_ends_by_itself(page, system, speech_wav):
-    """A chosen file is streamed at real-time pace and played back; the stream ends after it."""
+@pytest.mark.parametrize("mode", ["crop", "composite"])
+def test_audio_file_plays_and_ends_by_itself(page, system, speech_wav, mode):
+    """A chosen file is streamed at real-time pace and played back, each frame shown no
+    earlier than its sound; in composite mode frames come whole. The stream ends by itself
+    after the file."""
     page, console = page
     _open_and_load(page, system)
+    page.evaluate(RECORDER_JS)
+    page.select_option("#mode", mode)
     page.set_input_files("#audio-file", str(speech_wav))
     page.click("#play-file")
     page.wait_for_function("window.lipsync.player.drawn > 10", timeout=30_000)
@@ -435,8 +441,16 @@ def test_audio_file_plays_and_ends_by_itself(page, system, speech_wav):
         "document.getElementById('status').textContent.startsWith('Stream ended')",
         timeout=60_000,
     )
-    ended = page.evaluate("window.lipsync.lastEnded.stats")
+    drawn = page.evaluate("window.__drawn")
+    ended = page.evaluate(
+        """() => { const s = window.lipsync.lastEnded;
+                   return {...s.stats, t0: s.t0, delay: s.delay, fixed: s.fixedDelay}; }"""
+    )
     assert ended["received"] > 0 and ended["idle"] > 0
+    assert all(d["composite"] == (mode == "composite") for d in drawn)
+    assert ended["fixed"], "a playing file keeps its delay"
+    # the sound of audio time t plays at t0 + delay + t: no frame is drawn before that
+    assert all(d["ctx"] >= ended["t0"] + d["audioMs"] / 1000 + ended["delay"] for d in drawn)
     assert console.problems() == []
 
 
