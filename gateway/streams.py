@@ -142,7 +142,7 @@ class StreamLimits:
     # a frame may be this many frame times late before the pacer acts on it
     grace_frames: float = field(default=1.0, metadata=_env("grace_frames"))
     # how far late frames may push a stream's playout back before they are dropped instead
-    max_delay_ms: int = field(default=500, metadata=_env("max_delay_ms"))
+    max_delay_ms: int = field(default=200, metadata=_env("max_delay_ms"))
     # RMS of the 200 ms around a frame (dBFS), below which it is idle
     silence_dbfs: float = field(default=-45.0, metadata=_env("silence_dbfs"))
     # audio held ahead of the next frame to issue
@@ -231,7 +231,7 @@ class StreamMetrics:
                     "lipsync_gateway_stream_latency_seconds",
                     "Stream frames: arrival of the last audio sample a frame needs to the frame "
                     "being sent.",
-                    buckets=(0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1, 1.5, 2, 3, 5),
+                    buckets=(0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5),
                     registry=registry,
                 ),
                 "events": Counter(
