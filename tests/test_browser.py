@@ -527,6 +527,41 @@ def test_no_models_says_so(browser, processes: Processes):
         context.close()
 
 
+def test_token_is_asked_for_and_sent(browser, processes: Processes):
+    """A gateway that needs a token refuses the page until the token is entered in the
+    settings form; then the page connects (the token travels as ?token=)."""
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    port = free_port()
+    processes.start("broker", "--frontend", frontend, "--backend", f"tcp://127.0.0.1:{free_port()}")
+    processes.start(
+        "gateway", "--broker", frontend, "--port", str(port), env={"LIPSYNC_TOKEN": "s3cret"}
+    )
+    wait_until(lambda: _health(port) != 0, timeout=60, what="the gateway to listen")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        console = Console(page)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function(
+            "document.getElementById('error').textContent.includes('Cannot connect')",
+            timeout=30_000,
+        )
+        assert page.evaluate("document.getElementById('settings').open")
+        assert page.text_content("#conn-state").startswith("Cannot connect, retrying in")
+        page.fill("#token", "s3cret")
+        page.click("#connect")
+        page.wait_for_function(
+            "document.getElementById('conn-state').dataset.state === 'open'", timeout=30_000
+        )
+        # connected: the next thing the page says is that this gateway has no avatar
+        page.wait_for_function(
+            "document.getElementById('error').textContent.includes('No avatars')", timeout=30_000
+        )
+        assert console.problems(allow=BROWSER_OWN_ERRORS) == []
+    finally:
+        context.close()
+
+
 def test_protocol_module_matches_the_python_codecs(page, system):
     """web/protocol.js writes and reads the same bytes as the gateway's codecs: the audio
     chunk it sends, the tagged frames and video frames it receives."""

@@ -39,6 +39,7 @@ const el = {
   statFrames: $("stat-frames"),
   statWorker: $("stat-worker"),
   statInference: $("stat-inference"),
+  settings: $("settings"),
   form: $("conn-form"),
   url: $("gateway-url"),
   token: $("token"),
@@ -99,11 +100,17 @@ function onState({ state, retryInMs, everOpened, url, error }) {
     text = "Connecting…";
   } else if (state === State.WAITING) {
     const s = Math.max(1, Math.ceil(retryInMs / 1000));
-    text = everOpened
-      ? `Gateway gone, reconnecting in ${s} s`
-      : `Cannot reach the gateway at ${url}, retrying in ${s} s`;
+    text = everOpened ? `Gateway gone, reconnecting in ${s} s` : `Cannot connect, retrying in ${s} s`;
+    if (!everOpened) {
+      showError(
+        `Cannot connect to the gateway at ${url}. Is it running? If it needs an access ` +
+          "token, enter it under “Connection settings” and press Connect.",
+      );
+      el.settings.open = true;
+    }
   } else {
-    text = error ? `Not connected: ${error}` : "Not connected";
+    text = "Not connected";
+    if (error) showError(`Not connected: ${error}`);
   }
   el.connState.textContent = text;
   el.statConn.textContent = {
