@@ -479,10 +479,13 @@ def test_interrupt_keeps_the_stream_and_the_microphone(page, system):
 
 
 def test_page_reconnects_after_the_gateway_restarts(page, system):
-    """SIGKILL the gateway: the page says so and counts down; supervisord restarts the
-    gateway and the page reconnects and lists the models by itself."""
+    """SIGKILL the gateway mid-stream: the page says the stream stopped and counts down;
+    supervisord restarts the gateway and the page reconnects and lists the models by
+    itself, ready to talk again."""
     page, console = page
     _open_and_load(page, system)
+    page.click("#mic")
+    page.wait_for_function("window.lipsync.player.drawn > 0", timeout=30_000)
     pid = system.gateway_pid()
     assert pid
     os.kill(pid, signal.SIGKILL)
@@ -491,6 +494,8 @@ def test_page_reconnects_after_the_gateway_restarts(page, system):
     )
     text = page.text_content("#conn-state")
     assert re.fullmatch(r"Gateway gone, reconnecting in \d+ s", text), text
+    assert "The stream stopped" in page.text_content("#error")
+    assert page.evaluate("window.lipsync.session === null && window.lipsync.source === null")
     _screenshot(page, "browser-reconnecting.png")
     page.wait_for_function(
         "document.getElementById('conn-state').dataset.state === 'open'", timeout=60_000
@@ -501,7 +506,36 @@ def test_page_reconnects_after_the_gateway_restarts(page, system):
         " && !document.getElementById('mic').disabled",
         timeout=30_000,
     )
+    assert page.text_content("#error") == "", "the error went away with the reconnect"
     assert console.problems(allow=BROWSER_OWN_ERRORS) == []
+
+
+def test_loader_retries_a_failing_frame_and_keeps_the_rest(page, system):
+    """Frames that fail (here: two ids past the end, which the gateway refuses) are asked
+    for again a few times and reported, while every other frame still loads."""
+    page, console = page
+    _open_and_load(page, system)
+    result = page.evaluate(
+        """async () => {
+          const {loadFrames} = await import('./loader.js');
+          const sent = [];
+          const conn = window.lipsync.connection;
+          const request = conn.request.bind(conn);
+          conn.request = (msg, key, ms) => {
+            sent.push(msg.frame_id);
+            return request(msg, key, ms);
+          };
+          try {
+            const {store, failed} = await loadFrames(conn, 'tiny', 18, {retries: 2});
+            return {loaded: store.loaded, failed, sent};
+          } finally { conn.request = request; }
+        }"""
+    )
+    assert result["loaded"] == 16
+    assert sorted(f["frameId"] for f in result["failed"]) == [16, 17]
+    assert all("frame_out_of_range" in f["error"] for f in result["failed"])
+    assert result["sent"].count(16) == 3 and result["sent"].count(0) == 1, "retried, alone"
+    assert console.problems() == []
 
 
 def test_no_models_says_so(browser, processes: Processes):
