@@ -37,6 +37,7 @@ from typing import Any
 
 import zmq
 
+from broker.fanout import Fanouts
 from broker.registry import GatewayRecord, Registry, WorkerRecord
 from broker.requests import MAX_ATTEMPTS, Pending, Timers
 from shared.config import BrokerConfig
@@ -105,6 +106,7 @@ class Broker:
         self._by_gateway: dict[tuple[bytes, int], Pending] = {}
         self.queues: dict[str, deque[Pending]] = {}
         self._timers = Timers()
+        self.fanouts = Fanouts(self)  # admin ops sent to several workers
         self._next_bid = 1
         self._told_to_leave: dict[bytes, float] = {}  # zombies sent DISCONNECT, rate limit
         self._next_housekeeping = 0.0
@@ -341,7 +343,11 @@ class Broker:
     def _admin(self, identity: bytes, header: Request, payload: list[Any], deadline: float) -> None:
         """load_package / unload_package: forwarded as is to the named worker (opts
         "worker") or to the least busy one, regardless of credits (rare, operator-driven).
-        The worker re-announces itself with READY when its model set changes."""
+        The worker re-announces itself with READY when its model set changes. With
+        opts "workers" (all, a count, a worker id) see ``broker.fanout``."""
+        if "workers" in header.opts:
+            self.fanouts.start(identity, header, payload, deadline)
+            return
         name = header.opts.get("worker")
         if name is not None and not isinstance(name, str):
             self._error_to_gateway(identity, header.id, ErrorCode.BAD_REQUEST, "bad worker name")
@@ -678,6 +684,9 @@ class Broker:
         self._to_gateway(identity, encode(Reply(id=gid, worker="broker", result=result)), "ok")
 
     def _to_gateway(self, identity: bytes, frames: Sequence[Any], outcome: str) -> None:
+        if self.fanouts.owns(identity):  # one worker's part of a fanned-out admin op
+            self.fanouts.answer(identity, frames)
+            return
         answered = self.totals["answered"]
         answered[outcome] = answered.get(outcome, 0) + 1
         try:
