@@ -19,6 +19,7 @@ the closest shape, a failed one its error shape, never silence.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from gateway.admin import ADMIN_TYPES, admin, admin_error
 from gateway.outbox import Outbox, Sequencer
 from shared.browser import (
     ErrorResponseC,
@@ -53,6 +55,7 @@ from shared.browser import (
     video_frame_error_message,
 )
 from shared.errors import ErrorCode, ServiceError
+from shared.modelstats import merge_models
 
 
 if TYPE_CHECKING:
@@ -147,6 +150,8 @@ class Connection:
             "get_video_frame": ("get_video_frame", self._video_frame, _video_frame_error),
             "get_stats": ("get_stats", self._stats, _plain_error),
         }
+        for kind in ADMIN_TYPES:  # load/unload/reload a package; token-protected
+            self._json[kind] = (kind, functools.partial(admin, self), admin_error)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -490,6 +495,7 @@ class Connection:
                 "broker": status.broker,
                 "workers": status.workers,
                 "models": status.models,
+                "model_stats": merge_models(status.stats),
             }
         )
 

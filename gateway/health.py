@@ -38,6 +38,7 @@ class BrokerStatus:
     workers: int = 0
     models: list[str] = field(default_factory=list)
     error: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)  # the broker's whole stats answer
 
     @property
     def healthy(self) -> bool:
@@ -51,6 +52,11 @@ class HealthCache:
         self._status: BrokerStatus | None = None
         self._at = 0.0
         self._fetch: asyncio.Task[BrokerStatus] | None = None
+
+    @property
+    def cached(self) -> BrokerStatus | None:
+        """The last status fetched, however old (for /metrics collectors)."""
+        return self._status
 
     async def status(self) -> BrokerStatus:
         if self._status is not None and time.monotonic() - self._at < self.cache_s:
@@ -91,4 +97,5 @@ class HealthCache:
                 for name, info in (models.items() if isinstance(models, dict) else ())
                 if not isinstance(info, dict) or info.get("workers", [None])
             ),
+            stats=result,
         )

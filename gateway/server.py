@@ -27,6 +27,7 @@ from gateway.brokerclient import BrokerClient
 from gateway.connection import Connection, peer_name
 from gateway.health import HealthCache
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
+from gateway.modelmetrics import ModelCollector
 from gateway.security import Guard
 from gateway.static import StaticFiles, default_web_dir
 from gateway.streams import StreamHub
@@ -61,6 +62,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.broker_up.set_function(lambda: float(self.broker.broker_alive))
         self.health = HealthCache(self.broker)
+        self.metrics.registry.register(ModelCollector(self._last_stats))
         self.streams = StreamHub(registry=self.metrics.registry)
         self.static = StaticFiles(config.web_dir or default_web_dir())
         self.guard = Guard(
@@ -79,6 +81,10 @@ class Gateway:
             "time_ms": 0.0,
             "dropped_frames": 0,
         }
+
+    def _last_stats(self) -> dict[str, Any] | None:
+        status = self.health.cached
+        return status.stats if status is not None else None
 
     async def start(self) -> None:
         await self.broker.start(wait_s=BROKER_WAIT_S)
@@ -142,6 +148,7 @@ class Gateway:
         if path == "/health":
             return self._http("health", await self._health())
         if path == "/metrics":
+            await self.health.status()  # fresh per-model series (cached 0.5 s)
             return self._http(
                 "metrics", _response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
             )

@@ -39,9 +39,11 @@ __all__ = [
     "MAX_CODES",
     "MAX_MODELS",
     "LatencyHistogram",
+    "MergedModel",
     "ModelCounters",
     "ModelStatsBook",
     "RateWindow",
+    "merge",
     "merge_models",
     "summary",
 ]
@@ -292,10 +294,37 @@ def summary(
     }
 
 
-def merge_models(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """One summary per model held by any worker, from a broker ``stats`` result: each
-    worker's heartbeat snapshot (``counters["models"]``) added up, plus who holds it
-    (``workers``, ``devices``) and the broker's queue. Tolerates missing or odd fields."""
+@dataclass(slots=True)
+class MergedModel:
+    """One model over every worker that reports it (``merge``)."""
+
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    requests: int = 0
+    errors: int = 0
+    fps: float = 0.0
+    batches: dict[int, int] = field(default_factory=dict)
+    codes: dict[str, int] = field(default_factory=dict)
+    workers: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    queue: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        entry = summary(
+            self.latency,
+            requests=self.requests,
+            errors=self.errors,
+            fps=self.fps,
+            batches=self.batches,
+            codes=self.codes,
+        )
+        entry.update(workers=self.workers, devices=self.devices, queue=self.queue)
+        return entry
+
+
+def merge(stats: Mapping[str, Any]) -> dict[str, MergedModel]:
+    """Every model held by any worker, from a broker ``stats`` result: each worker's
+    heartbeat snapshot (``counters["models"]``) added up, plus who holds it (``workers``,
+    ``devices``) and the broker's queue. Tolerates missing or odd fields."""
     workers = stats.get("workers")
     workers = workers if isinstance(workers, list) else []
     broker_models = stats.get("models")
@@ -303,43 +332,39 @@ def merge_models(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     names: set[str] = {str(m) for m in broker_models}
     for w in workers:
         if isinstance(w, Mapping):
-            names.update(str(m) for m in w.get("models") or () if isinstance(m, str))
-    out: dict[str, dict[str, Any]] = {}
+            names.update(m for m in w.get("models") or () if isinstance(m, str))
+    out: dict[str, MergedModel] = {}
     for name in sorted(names):
-        hist = LatencyHistogram()
-        requests = errors = 0
-        fps = 0.0
-        batches: dict[int, int] = {}
-        codes: dict[str, int] = {}
-        holders: list[str] = []
+        m = out[name] = MergedModel()
         devices: set[str] = set()
         for w in workers:
             if not isinstance(w, Mapping):
                 continue
             if name in (w.get("models") or ()):
-                holders.append(str(w.get("id", "")))
+                m.workers.append(str(w.get("id", "")))
                 devices.add(str(w.get("device", "")))
             counters = w.get("counters")
             per_model = counters.get("models") if isinstance(counters, Mapping) else None
             mine = per_model.get(name) if isinstance(per_model, Mapping) else None
             if not isinstance(mine, Mapping):
                 continue
-            requests += int(_num(mine.get("requests")))
-            errors += int(_num(mine.get("errors")))
-            fps += _num(mine.get("fps"))
-            hist.merge(LatencyHistogram.from_wire(mine.get("latency")))
+            m.requests += int(_num(mine.get("requests")))
+            m.errors += int(_num(mine.get("errors")))
+            m.fps += _num(mine.get("fps"))
+            m.latency.merge(LatencyHistogram.from_wire(mine.get("latency")))
             for size, n in _pairs(mine.get("batches")):
                 if isinstance(size, int):
-                    batches[size] = batches.get(size, 0) + n
+                    m.batches[size] = m.batches.get(size, 0) + n
             for code, n in _pairs(mine.get("codes")):
                 if isinstance(code, str):
-                    codes[code] = codes.get(code, 0) + n
-        entry = summary(
-            hist, requests=requests, errors=errors, fps=fps, batches=batches, codes=codes
-        )
+                    m.codes[code] = m.codes.get(code, 0) + n
+        m.workers.sort()
+        m.devices = sorted(d for d in devices if d)
         info = broker_models.get(name)
-        entry["workers"] = sorted(holders)
-        entry["devices"] = sorted(d for d in devices if d)
-        entry["queue"] = int(_num(info.get("queue"))) if isinstance(info, Mapping) else 0
-        out[name] = entry
+        m.queue = int(_num(info.get("queue"))) if isinstance(info, Mapping) else 0
     return out
+
+
+def merge_models(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``merge`` as the per-model summaries clients see (``get_stats`` ``model_stats``)."""
+    return {name: m.summary() for name, m in merge(stats).items()}
