@@ -113,6 +113,12 @@ def _scale(args: argparse.Namespace) -> int:
     return scale(args)
 
 
+def _models(args: argparse.Namespace) -> int:
+    from lipsync.models import run
+
+    return run(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lipsync.bench import run
 
@@ -204,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("n", type=int)
     p.add_argument("--run-dir", default=None)
     p.set_defaults(func=_scale)
+
+    p = sub.add_parser("models", help="list, load, unload or reload packages at run time")
+    p.add_argument("action", choices=["list", "load", "unload", "reload"])
+    p.add_argument("name", nargs="?", help="package name (load, unload, reload)")
+    p.add_argument("--workers", default="all", help="all (default), a count N, or a worker id")
+    p.add_argument("--url", default="ws://127.0.0.1:8086/ws", help="gateway WebSocket URL")
+    p.add_argument("--token", default=None, help="gateway token (default $LIPSYNC_TOKEN)")
+    p.add_argument("--timeout", type=float, default=75.0, help="seconds to wait for workers")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="load generator against a running gateway")
     p.add_argument("--url", default="ws://127.0.0.1:8086/ws")
