@@ -57,6 +57,16 @@ export class Player {
     this.clear();
     cancelAnimationFrame(this.raf);
     this.raf = 0;
+    this.#rest();
+  }
+
+  /** Back to the plain avatar frame last shown: no stale mouth left once talking ends. */
+  async #rest() {
+    const last = this.lastDrawn;
+    const store = this.store;
+    if (!last || !store) return;
+    const full = await store.get(last.frameId);
+    if (this.raf === 0 && this.store === store && this.lastDrawn === last) this.#drawFull(full);
   }
 
   /** Forget every queued frame (barge-in, or the end of a stream). */
