@@ -214,6 +214,7 @@ class StreamMetrics:
         "dropped",
         "skipped",  # dropped without asking (part of "dropped"): the workers are behind
         "delayed",  # a late frame pushed its stream's playout back one frame time
+        "caught_up",  # frames a stream's playout moved forward after a second of early frames
         "audio_chunks",
         "audio_rejected",  # malformed chunks, chunks for unknown streams, audio after stop
     )
@@ -518,6 +519,7 @@ class _Frame:
     failed: ServiceError | None = None
     skipped: bool = False  # not requested: the workers are not keeping up
     task: asyncio.Task[None] | None = None
+    ready_at: float = 0.0  # when an inferred frame's answer came
 
     @property
     def done(self) -> bool:
@@ -585,7 +587,13 @@ class Stream:
         self._frames: dict[int, _Frame] = {}
         self._seq_base = 0  # seq of frame 0 of this epoch (also the walk position)
         self._clock: tuple[float, int] | None = None  # (time of slot of frame j0, j0)
-        self._shift = 0.0  # seconds late frames have pushed the clock back (max_delay_ms)
+        # Seconds the clock has moved since it started: back by a frame time for a late
+        # frame (at most max_delay_ms), forward when a whole second of inferred frames was
+        # early (see _catch_up), so the stream's latency follows what the workers do now,
+        # not what its first frame happened to take.
+        self._shift = 0.0
+        self._early_min = math.inf
+        self._early_n = 0
         # Inferred frames allowed in flight: halved by each frame dropped for lateness, grown
         # by one per window of frames in time (AIMD), so that when the workers cannot keep
         # up the stream asks for fewer frames, each in time, instead of for every frame,
@@ -794,12 +802,13 @@ class Stream:
                 return
             self._clock = (now, j)
             self._shift = 0.0
+            self._early_min, self._early_n = math.inf, 0
         slot = self._clock[0] + self._shift + (j - self._clock[1]) / self.fps
         if frame is not None and frame.done:
             if now < slot:
                 await self._wait(slot - now)
                 return
-            await self._emit(frame)
+            await self._emit(frame, slot)
             return
         late = slot + self.limits.grace_frames / self.fps
         if now < late:
@@ -820,7 +829,7 @@ class Stream:
         except TimeoutError:
             pass
 
-    async def _emit(self, frame: _Frame) -> None:
+    async def _emit(self, frame: _Frame, slot: float) -> None:
         del self._frames[frame.j]
         self._next_send += 1
         self._t.sent += 1
@@ -830,12 +839,26 @@ class Stream:
             self.metrics.add("idle_frames")
         else:
             self._window = min(float(self.limits.max_ahead), self._window + 1 / self._window)
+            self._catch_up(slot - frame.ready_at)
         if frame.arrival is not None:
             self.metrics.observe_latency(time.monotonic() - frame.arrival)
         self._pump()
         assert frame.data is not None
         async with self._send_lock:
             await self.send(frame.data)
+
+    def _catch_up(self, early: float) -> None:
+        """Once a second's inferred frames were all ready early by more than 1.5 frame
+        times, move the clock forward by the surplus beyond one frame time, at most five
+        frames at once (those then go out back to back: latency lower, pacing one burst)."""
+        self._early_min = min(self._early_min, early)
+        self._early_n += 1
+        if self._early_n >= self.fps:
+            if self._early_min > 1.5 / self.fps:
+                frames = min(5, int((self._early_min - 1 / self.fps) * self.fps))
+                self._shift -= frames / self.fps
+                self.metrics.add("caught_up", frames)
+            self._early_min, self._early_n = math.inf, 0
 
     def _drop(self, frame: _Frame, *, failed: bool) -> None:
         del self._frames[frame.j]
@@ -932,6 +955,7 @@ class Stream:
             bounds = answer.header.bounds or self.bounds
             x1, y1, x2, y2 = (float(b) for b in bounds)
             flags = FLAG_COMPOSITE if self.mode == "composite" else 0
+            frame.ready_at = time.monotonic()
             frame.data = self._tagged(
                 frame,
                 flags,
