@@ -281,6 +281,7 @@ class LipsyncClient:
         *,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        window: int | None = None,
     ) -> Batch:
         """Many frames over this one connection, pipelined (as many in flight as the gateway
         allows). ``audio``, if given, holds one clip (or None) per frame id.
@@ -288,12 +289,17 @@ class LipsyncClient:
         ``async for frame in c.infer_batch(...)`` yields results in ``frame_ids`` order
         (``ordered=True``) or as they complete; ``await c.infer_batch(...)`` returns the
         list in order. A failed frame raises its error where it would be yielded, unless
-        ``return_exceptions`` (then the ``LipsyncError`` takes its place)."""
+        ``return_exceptions`` (then the ``LipsyncError`` takes its place). ``window``
+        caps the requests in flight (default: the gateway's per-connection limit); a
+        window near the workers' capacity keeps queued requests from outliving the
+        gateway's deadline when the batch is much larger than what they serve in it."""
         ids = list(frame_ids)
         clips = list(audio) if audio is not None else [None] * len(ids)
         if len(clips) != len(ids):
             raise ValueError("audio must hold one clip (or None) per frame id")
-        return Batch(self, name, ids, clips, ordered, mode, timeout, return_exceptions)
+        if window is not None and window < 1:
+            raise ValueError("window must be at least 1")
+        return Batch(self, name, ids, clips, ordered, mode, timeout, return_exceptions, window)
 
     async def stats(self, *, timeout: float | None = None) -> Stats:
         """``get_stats``: gateway counters plus per-model statistics (``model_stats``)."""
@@ -592,8 +598,10 @@ class Batch:
         mode: str,
         timeout: float | None,
         return_exceptions: bool,
+        window: int | None = None,
     ) -> None:
         self._args = (client, name, frame_ids, clips, mode, timeout)
+        self.window = window
         self.ordered = ordered
         self.return_exceptions = return_exceptions
 
@@ -602,9 +610,14 @@ class Batch:
 
     async def __aiter__(self) -> AsyncIterator[Frame | LipsyncError]:
         client, name, frame_ids, clips, mode, timeout = self._args
+        gate = asyncio.Semaphore(self.window or len(frame_ids) or 1)
+
+        async def one(i: int, clip: bytes | None) -> Frame:
+            async with gate:
+                return await client.infer(name, i, clip, mode, timeout=timeout)
+
         tasks = [
-            asyncio.ensure_future(client.infer(name, i, clip, mode, timeout=timeout))
-            for i, clip in zip(frame_ids, clips, strict=True)
+            asyncio.ensure_future(one(i, clip)) for i, clip in zip(frame_ids, clips, strict=True)
         ]
         try:
             source = tasks if self.ordered else asyncio.as_completed(tasks)
