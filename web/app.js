@@ -235,13 +235,14 @@ async function loadModel(model) {
     await app.loading.promise.catch(() => {});
   }
   if (app.session) await stopTalking();
-  const controller = new AbortController();
-  const promise = doLoad(model, controller.signal);
-  app.loading = { model, controller, promise };
+  // Marked as loading before the first await, so Talk is off from the first moment.
+  const loading = { model, controller: new AbortController(), promise: null };
+  app.loading = loading;
+  loading.promise = doLoad(model, loading.controller.signal);
   try {
-    await promise;
+    await loading.promise;
   } finally {
-    if (app.loading?.promise === promise) app.loading = null;
+    if (app.loading === loading) app.loading = null;
     updateButtons();
   }
 }
@@ -256,19 +257,14 @@ async function doLoad(model, signal) {
   try {
     meta = await app.connection.request({ type: "get_metadata", model_name: model }, `metadata:${model}`, 5000);
   } catch (err) {
-    if (signal.aborted) return;
-    showError(`Cannot load ${model}: ${errorText(err)}`);
-    hint(`${model} did not load`);
+    if (!signal.aborted) loadFailed(model, `Cannot load ${model}: ${errorText(err)}`);
     return;
   }
   if (signal.aborted) return;
   if (!meta.success || !(meta.frame_count > 0)) {
-    showError(`Cannot load ${model}: ${meta.error || "it has no frames"}`);
-    hint(`${model} did not load`);
-    say("");
+    loadFailed(model, `Cannot load ${model}: ${meta.error || "it has no frames"}`);
     return;
   }
-  app.metadata = meta;
   showMetadata(meta, null);
   let result;
   try {
@@ -279,9 +275,7 @@ async function doLoad(model, signal) {
       },
     });
   } catch (err) {
-    if (signal.aborted) return;
-    showError(`Loading ${model} stopped: ${errorText(err)}`);
-    hint(`${model} did not load`);
+    if (!signal.aborted) loadFailed(model, `Loading ${model} stopped: ${errorText(err)}`);
     return;
   }
   if (signal.aborted) {
@@ -290,13 +284,13 @@ async function doLoad(model, signal) {
   }
   const { store, failed } = result;
   if (store.loaded === 0) {
-    showError(`Cannot load ${model}: no frame arrived (${failed[0]?.error ?? "unknown error"})`);
-    hint(`${model} did not load`);
     store.close();
+    loadFailed(model, `Cannot load ${model}: no frame arrived (${failed[0]?.error ?? "unknown error"})`);
     return;
   }
   app.store?.close();
   app.store = store;
+  app.metadata = meta;
   el.canvasWrap.style.setProperty("--ar", `${store.width} / ${store.height}`);
   showMetadata(meta, store);
   await app.player.setFrames(store);
@@ -305,6 +299,19 @@ async function doLoad(model, signal) {
     showError(`${failed.length} of ${store.count} frames of ${model} did not load (${failed[0].error}); they show as grey.`);
   }
   say(readyText(model));
+}
+
+/** Say why `model` did not load; the avatar loaded before (if any) stays in use. */
+function loadFailed(model, message) {
+  showError(app.store ? `${message} (still showing ${app.store.modelName})` : message);
+  say("");
+  if (app.store) {
+    el.model.value = app.store.modelName;
+    showMetadata(app.metadata, app.store);
+    setProgress(1, 1);
+  } else {
+    hint(`${model} did not load`);
+  }
 }
 
 function readyText(model) {
