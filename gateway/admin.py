@@ -100,6 +100,7 @@ async def admin(connection: Connection, request: JsonRequest, t0: float) -> str:
     answer = await connection.gateway.broker.request(
         op, model=model, opts=opts, ttl_ms=ADMIN_TTL_MS
     )
+    connection.gateway.health.invalidate()  # get_stats and /health see the change at once
     result = answer.header.result if isinstance(answer.header.result, dict) else {}
     entries = result.get("workers")
     outcomes = [_outcome(e) for e in entries] if isinstance(entries, list) else []

@@ -58,6 +58,10 @@ class HealthCache:
         """The last status fetched, however old (for /metrics collectors)."""
         return self._status
 
+    def invalidate(self) -> None:
+        """Forget the cached status (the model set just changed: admin ops)."""
+        self._status = None
+
     async def status(self) -> BrokerStatus:
         if self._status is not None and time.monotonic() - self._at < self.cache_s:
             return self._status
