@@ -682,23 +682,24 @@ class Stream:
 
     async def _run(self) -> None:
         try:
-            if await self._open():
+            opened = await self._open()
+            if opened:
                 while not self._finished():
                     await self._step()
-                if self._error is not None:
-                    await self._send_json(
-                        stream_error_message(self.sid, self._error.code.value, self._error.message)
+            if self._error is not None:  # failed (before or after it opened)
+                await self._send_json(
+                    stream_error_message(self.sid, self._error.code.value, self._error.message)
+                )
+            elif opened and not self._cancelled:
+                await self._send_json(
+                    stream_ended_message(
+                        stream=self.sid,
+                        frames=self._t.sent,
+                        idle_frames=self._t.idle,
+                        dropped=self._t.dropped,
                     )
-                elif not self._cancelled:
-                    await self._send_json(
-                        stream_ended_message(
-                            stream=self.sid,
-                            frames=self._t.sent,
-                            idle_frames=self._t.idle,
-                            dropped=self._t.dropped,
-                        )
-                    )
-                    self.metrics.add("streams_ended")
+                )
+                self.metrics.add("streams_ended")
         except asyncio.CancelledError:
             pass
         except Exception:
