@@ -294,7 +294,7 @@ class LipsyncClient:
         window near the workers' capacity keeps queued requests from outliving the
         gateway's deadline when the batch is much larger than what they serve in it."""
         ids = list(frame_ids)
-        clips = list(audio) if audio is not None else [None] * len(ids)
+        clips: list[bytes | None] = list(audio) if audio is not None else [None] * len(ids)
         if len(clips) != len(ids):
             raise ValueError("audio must hold one clip (or None) per frame id")
         if window is not None and window < 1:
@@ -427,7 +427,7 @@ class LipsyncClient:
         if answer.get("type") != "hello":
             raise parse_error(str(answer.get("error", "internal: no hello answer")))
         self._mode_b = str(answer.get("mode_b", self._mode_b))
-        return answer
+        return dict(answer)
 
     async def _call(
         self,

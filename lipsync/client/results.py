@@ -39,6 +39,10 @@ def _bounds(value: Any) -> Bounds:
     return (0.0, 0.0, 0.0, 0.0)
 
 
+def _dict(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _float(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
@@ -130,8 +134,8 @@ class ModelStats:
 
     @classmethod
     def from_json(cls, name: str, m: dict[str, Any]) -> ModelStats:
-        codes = m.get("error_codes") if isinstance(m.get("error_codes"), dict) else {}
-        sizes = m.get("batch_sizes") if isinstance(m.get("batch_sizes"), dict) else {}
+        codes = _dict(m.get("error_codes"))
+        sizes = _dict(m.get("batch_sizes"))
         return cls(
             name=name,
             requests=_int(m.get("requests")),
@@ -166,7 +170,7 @@ class Stats:
 
     @classmethod
     def from_json(cls, m: dict[str, Any]) -> Stats:
-        per_model = m.get("model_stats") if isinstance(m.get("model_stats"), dict) else {}
+        per_model = _dict(m.get("model_stats"))
         return cls(
             total_requests=_int(m.get("total_requests")),
             binary_requests=_int(m.get("binary_requests")),
