@@ -172,6 +172,8 @@ def torch_system(tmp_path_factory):
     # Big enough that its decoded frames (120 x 640x360 = 83 MB of full frames) dwarf the
     # noise in a worker's resident memory; built outside the models dir, copied in later.
     make_package(spare, name=BIG, frames=BIG_FRAMES, size=BIG_SIZE, width="quarter")
+    # the same avatar with other weights, for a reload after the files changed
+    make_package(spare, name="tiny", frames=16, size=(320, 240), width="quarter", seed=1)
     with module_processes(root / "logs") as procs:
         s = ClientSystem(procs)
         s.start_broker()
@@ -268,3 +270,29 @@ async def test_stats_follow_the_model_set(torch_system):
         assert stats.workers == ("torch-1",) and stats.errors == 0
         await c.unload_package("extra")
         assert "extra" not in (await c.stats()).model_stats
+
+
+@pytest.mark.slow
+async def test_reload_picks_up_changed_files(torch_system):
+    """New weights copied over a loaded package's are served after ``reload``, and only
+    after it; copying the old ones back and reloading restores the old frames."""
+    s = torch_system
+    pkg = s.models_dir / "swap"
+    if not pkg.exists():
+        shutil.copytree(s.models_dir / "tiny", pkg, ignore=NO_FRAME_CACHES)
+    weights = pkg / "checkpoint" / "best_trainloss.pth"
+    original = weights.read_bytes()
+    async with LipsyncClient(url(s.port), token=TOKEN, timeout=60) as c:
+        await c.load_package("swap")
+        first = await c.infer("swap", 4)
+        shutil.copyfile(s.spare / "tiny" / "checkpoint" / "best_trainloss.pth", weights)
+        assert (await c.infer("swap", 4)).jpeg == first.jpeg  # nothing changes by itself
+        result = await c.reload_package("swap")
+        assert [w.worker for w in result.workers] == ["torch-1"] and result.success
+        changed = await c.infer("swap", 4)
+        assert changed.jpeg != first.jpeg
+        assert changed.bounds == first.bounds  # same avatar, other weights
+        weights.write_bytes(original)
+        await c.reload_package("swap")
+        assert (await c.infer("swap", 4)).jpeg == first.jpeg
+        await c.unload_package("swap")
