@@ -69,15 +69,16 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
         stack, n = m[1].split(";"), int(m[2])
         total += n
         frames = [_name(f) for f in stack]
+        thread = ""
         if frames and frames[0].startswith("thread"):
-            threads[frames[0]] += n
-            frames = frames[1:]
+            thread, frames = frames[0], frames[1:]
         if not frames:
             continue
         if _WAITS.match(frames[-1]):
             waiting += n
             continue
         busy += n
+        threads[thread or "?"] += n
         self_time[frames[-1]] += n
         for f in set(frames):
             inclusive[f] += n

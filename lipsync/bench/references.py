@@ -67,6 +67,10 @@ async def _direct(
         opts["audio_sr"] = B_RATE
     client = BrokerClient(frontend)
     await client.start(wait_s=10)
+    # the worker's own count (a null worker told --models serves 100 frames whatever the
+    # package holds)
+    meta = await client.request("metadata", model=model)
+    frame_count = min(frame_count, int(meta.header.result.get("frame_count", frame_count)))
     rtt: list[float] = []
     worker: list[float] = []
     errors: Counter[str] = Counter()
