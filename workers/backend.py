@@ -83,7 +83,8 @@ class InferResult:
     jpeg: bytes
     bounds: tuple[float, float, float, float]  # crop rect in full-frame pixels
     shape: str = "320x320x3"  # model output shape, "WxHxC" as the original reported it
-    timings: dict[str, float] = field(default_factory=dict)  # ms: prepare/inference/composite/encode
+    # ms: prepare / inference / composite / encode
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
