@@ -17,7 +17,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from shared.browser import valid_model_name
 from shared.streamtime import SUPPORTED_RATES
@@ -259,7 +259,7 @@ class StreamInterrupt:
 StreamRequest = StreamStart | StreamStop | StreamInterrupt
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -17,3 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff(argv):
     result = subprocess.run(["ruff", *argv, "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy is not installed")
+def test_mypy_strict_on_shared():
+    """The wire formats are what every process trusts: keep them strictly typed."""
+    result = subprocess.run(["mypy", "shared"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
