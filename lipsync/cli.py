@@ -120,6 +120,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        from lipsync.bench.soak import run_soak
+
+        return run_soak(args)
     from lipsync.bench import run
 
     return run(args)
@@ -239,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", action="store_true", help="start a system and run the suite")
     p.add_argument("--quick", action="store_true", help="suite: short steps (smoke run)")
     p.add_argument("--out", help="suite: directory for JSON reports and profiles")
+    p.add_argument(
+        "--soak", type=float, metavar="MINUTES", help="start a system, load it, inject faults"
+    )
     p.set_defaults(func=_bench)
     return parser
 
