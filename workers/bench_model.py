@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="on",
         help="NHWC weights and inputs (default on)",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--encoder-batches", default="1,16", help="audio encoder batch sizes")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     arglist = list(sys.argv[1:] if argv is None else argv)
@@ -194,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [w for w in widths if w not in WIDTHS]
     if unknown:
         parser.error(f"unknown width {unknown[0]!r} (known: {', '.join(WIDTHS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     half = args.dtype == "fp16" or (args.dtype == "auto" and cuda)
