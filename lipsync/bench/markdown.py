@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lipsync.bench.suite import MAX_BATCH, NULL_SERVICE_MS, bare_reference, summary
+from lipsync.bench.suite import (
+    MAX_BATCH,
+    NULL_SERVICE_MS,
+    bare_reference,
+    cpu_ms_per_frame,
+    summary,
+)
 
 
 __all__ = ["markdown"]
@@ -60,13 +66,19 @@ def _run_row(name: str, run: dict[str, Any], ref: float | None = None) -> list[A
         _cpu(run, "broker"),
         _cpu(run, "worker"),
         _cpu(run, "bench"),
+        _round(cpu_ms_per_frame(run, ("worker", "gateway", "broker"))),
         run["machine"]["loadavg"][0],
     ]
 
 
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
 RUN_HEADER = [
     "run", "clients", "in flight", "frames/s", "fitted", "ratio", "p50 ms", "p95 ms", "p99 ms",
-    "errors", "lost", "gateway cpu %", "broker cpu %", "workers cpu %", "bench cpu %", "load",
+    "errors", "lost", "gateway cpu %", "broker cpu %", "workers cpu %", "bench cpu %",
+    "cpu ms/frame", "load",
 ]  # fmt: skip
 
 
@@ -91,25 +103,34 @@ def markdown(report: dict[str, Any]) -> str:
     bare, taken = bare_reference(report)
     if "bare" in steps and "unet" in steps["bare"]:
         out += ["", "### Bare model (reference)", ""]
+        after = (steps.get("pipeline") or {}).get("bare_after") or {}
         rows = [
             [
-                f"before, batch {u['batch']}",
+                f"UNet {when}, batch {u['batch']}",
                 u["frames_per_s"],
                 u["ms_per_frame"],
                 u.get("best_ms_per_frame"),
+                _round(u.get("cpu_ms_per_frame")),
             ]
-            for u in steps["bare"]["unet"]
-        ]
-        after = (steps.get("pipeline") or {}).get("bare_after") or {}
-        rows += [
-            [f"after, batch {u['batch']}", u["frames_per_s"], u["ms_per_frame"], None]
-            for u in after.get("unet", [])
+            for when, bare in (("before", steps["bare"]), ("after", after))
+            for u in bare.get("unet", [])
         ]
         rows += [
-            [f"audio encoder, batch {e['batch']}", e["windows_per_s"], e["ms_per_window"], None]
+            [
+                f"audio encoder, batch {e['batch']}",
+                e["windows_per_s"],
+                e["ms_per_window"],
+                e.get("best_ms_per_window"),
+                _round(e.get("cpu_ms_per_window")),
+            ]
             for e in steps["bare"].get("audio_encoder", [])
         ]
-        out.append(_md(rows, ["", "frames/s", "ms/frame", "best ms/frame"]))
+        threads = steps["bare"].get("threads", "default")
+        out.append(f"torch threads: {threads}")
+        out.append("")
+        out.append(
+            _md(rows, ["", "frames (windows)/s", "ms/frame", "best ms/frame", "cpu ms/frame"])
+        )
     pipe = steps.get("pipeline") or {}
     if any(k in pipe for k in ("closed_b_audio", "sequential_1")):
         out += [

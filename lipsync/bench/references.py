@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,20 +36,17 @@ def bare_model(
     device: str = "cpu",
     threads: int = 0,
 ) -> dict[str, Any]:
-    """``python -m workers.bench_model`` for one width: its JSON report (``unet`` rows per
-    batch, ``audio_encoder`` rows per batch). ``threads`` > 0 sets torch's intra-op threads
-    (``OMP_NUM_THREADS``), as ``lipsync worker --threads`` does for a worker."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bare.json"
-        b = ",".join(str(x) for x in batches)
-        cmd = [
-            sys.executable, "-m", "workers.bench_model", "--widths", width, "--batches", b,
-            "--encoder-batches", b, "--device", device, "--seconds", str(seconds),
-            "--json", str(out),
-        ]  # fmt: skip
-        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-        report: dict[str, Any] = json.loads(out.read_text())
+    """``workers.bench_model``'s UNet and audio-encoder timings for one width, plus CPU ms
+    per frame (:mod:`lipsync.bench.bare`), in a subprocess so that torch's threads and
+    memory are gone before the pipeline runs. ``threads`` > 0 sets torch's intra-op
+    threads, as ``lipsync worker --threads`` does for a worker."""
+    cmd = [
+        sys.executable, "-m", "lipsync.bench.bare", "--width", width,
+        "--batches", ",".join(str(b) for b in batches), "--seconds", str(seconds),
+        "--threads", str(threads), "--device", device,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
 
 

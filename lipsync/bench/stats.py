@@ -46,7 +46,7 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float | int]:
     }
 
 
-def fitted_rate(times: list[float]) -> float | None:
+def fitted_rate(times: list[float], min_span: float = 0.0) -> float | None:
     """Answers per second as the slope of the cumulative count over time (least squares).
 
     At a few frames/s answers come in batches (4 at once every second or so), and a plain
@@ -132,7 +132,7 @@ class Recorder:
             "window_s": round(s, 3),
             "answered_in_window": self.answered_in_window,
             "frames_per_s": round(self.answered_in_window / s, 2) if s > 0 else 0.0,
-            "frames_per_s_fit": fitted_rate(self.answer_times),
+            "frames_per_s_fit": fitted_rate(self.answer_times, s / 2),
             "errors_per_s": round(self.errors_in_window / s, 2) if s > 0 else 0.0,
             "bytes_in_per_s": round(self.bytes_in / s) if s > 0 else 0,
             "bytes_out_per_s": round(self.bytes_out / s) if s > 0 else 0,
