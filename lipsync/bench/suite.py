@@ -485,10 +485,7 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
             row(
                 f"pipeline efficiency in CPU time, {what}: bare model / pipeline CPU per frame",
                 ">= 0.90",
-                f"{model:.0f} / {used:.0f} ms"
-                + (
-                    f" (UNet {bare_cpu:.0f} + {windows} x encoder {enc_cpu:.1f})" if windows else ""
-                ),
+                f"{model:.0f} / {used:.0f} ms{parts}",
                 model / used,
                 model / used >= 0.9,
             )
