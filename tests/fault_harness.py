@@ -142,10 +142,9 @@ class FaultSystem(System):
     async def wait_idle(self, timeout: float = 60, *, sessions_dropped: bool = False) -> Any:
         """Until nothing is held anywhere: gateway in flight 0, broker pending 0, no worker
         holding a request, and every worker's counters settled: each request it received
-        was answered (received = served + errors). A worker that lost its broker session
-        (it was declared dead, or the broker restarted) also drops what it held, unanswered
-        and counted in ``dropped``; ``sessions_dropped`` allows for that. Returns the
-        broker's stats."""
+        was answered once (received = served + errors + dropped; ``dropped`` are the
+        requests a worker held when it lost its broker session, answered to nobody, and
+        is 0 unless ``sessions_dropped``). Returns the broker's stats."""
 
         async def idle() -> dict[str, Any] | None:
             in_flight = await asyncio.to_thread(metric, self.port, "lipsync_gateway_in_flight")
@@ -154,11 +153,9 @@ class FaultSystem(System):
                 return None
             for w in stats["workers"]:
                 c = w["counters"]
-                done = c.get("served", 0) + c.get("errors", 0)
-                if sessions_dropped:
-                    settled = c.get("received", 0) <= done + c.get("dropped", 0)
-                else:
-                    settled = c.get("received") == done
+                dropped = c.get("dropped", 0)
+                done = c.get("served", 0) + c.get("errors", 0) + dropped
+                settled = c.get("received") == done and (sessions_dropped or dropped == 0)
                 if w["in_flight"] or not settled:
                     return None
             return stats

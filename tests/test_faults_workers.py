@@ -217,3 +217,44 @@ async def test_worker_loses_its_package_files(system, tiny_package, tmp_path):
         memory=memory_line(before, after),
         reload_error=f"{err.value.code.value}: {err.value.message}",
     )
+
+
+async def test_worker_counters_balance_after_losing_its_broker(system):
+    """A worker that loses its broker while it holds requests drops them (nobody is left to
+    take the answers). Its own counters must still account for each request once:
+    received = served + errors + dropped, as they do for any other worker."""
+    system.start_broker()
+    worker = system.start_null_worker("w1", delay_ms=1500, max_batch=1, capacity=4)
+    client = await system.client()
+    await system.wait_workers("w1")
+    asks = [
+        asyncio.create_task(client.request("infer", model="m", frame=i, ttl_ms=30_000))
+        for i in range(4)
+    ]
+
+    async def held() -> bool:
+        stats = await system.stats()
+        return stats is not None and stats["workers"][0]["in_flight"] == 4
+
+    await eventually(held, what="the worker to hold 4 requests")
+    assert system.broker is not None
+    system.broker.send_signal(signal.SIGKILL)
+    system.broker.wait()
+    answers = await asyncio.gather(*asks, return_exceptions=True)
+    assert all(
+        isinstance(a, ServiceError) and a.code is ErrorCode.BROKER_UNAVAILABLE for a in answers
+    )
+    system.start_broker()
+    await system.wait_workers("w1")
+
+    async def settled() -> dict[str, int] | None:
+        stats = await system.stats()
+        if stats is None or not stats["workers"]:
+            return None
+        c = stats["workers"][0]["counters"]
+        return c if c["served"] + c["errors"] + c["dropped"] >= c["received"] == 4 else None
+
+    counters = await eventually(settled, what="the worker's counters to settle")
+    assert counters["reconnects"] >= 1
+    assert counters["received"] == counters["served"] + counters["errors"] + counters["dropped"]
+    assert worker.poll() is None

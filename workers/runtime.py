@@ -43,6 +43,7 @@ from shared.envelope import (
     Error,
     Header,
     Heartbeat,
+    Kind,
     Op,
     Ready,
     Reply,
@@ -448,7 +449,13 @@ class WorkerRuntime:
             tag = frames[0].bytes
             if tag[:1] == b"a":
                 if int.from_bytes(tag[1:], "big") != self._session:
-                    continue  # an answer for a broker that forgot us: nobody to give it to
+                    # An answer for a broker that forgot us: nobody to give it to. Its
+                    # request was counted ``dropped`` when the session ended, and ``served``
+                    # or ``errors`` when it finished: take the latter back, so that each
+                    # request counts once (received = served + errors + dropped).
+                    served = frames[1].bytes == bytes((Kind.REPLY,))
+                    self.counters.add("served" if served else "errors", -1)
+                    continue
                 self._held -= 1
             elif tag[:1] == b"c":
                 message = decode(frames[1:])
