@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import math
 import secrets
@@ -302,7 +303,7 @@ class IdleFrames:
                 self.metrics.add("idle_fetches")
             task = asyncio.ensure_future(self._fetch(request, key, ttl_ms))
             self._loading[key] = task
-            task.add_done_callback(lambda t, key=key: self._done(key, t))
+            task.add_done_callback(functools.partial(self._done, key))
         else:
             self.hits += 1
         return await asyncio.shield(task)
