@@ -414,7 +414,8 @@ def bare_cpu_ms(report: dict[str, Any]) -> float | None:
 
 
 def cpu_ms_per_frame(run: dict[str, Any] | None, roles: tuple[str, ...]) -> float | None:
-    """CPU ms that the processes of ``roles`` spent per frame delivered in the window."""
+    """CPU ms that the processes of ``roles`` spent per frame delivered in the window (at
+    the fitted rate when there is one: answers come a batch at a time)."""
     if not run or "result" not in run or not run["result"]["answered_in_window"]:
         return None
     r = run["result"]
