@@ -13,20 +13,29 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
 from cluster import eventually
 from conftest import Processes
-from gateway_harness import FAST_BEATS, System, metric
+from gateway_harness import FAST_BEATS, System, metric, metrics
 
 from gateway.brokerclient import BrokerClient
 from lipsync.bench.ledger import Ledger, LedgerClient, write_null_package
 from shared.errors import ServiceError
 
 
-__all__ = ["MIB", "FaultSystem", "Probe", "eventually", "report", "run_clients"]
+__all__ = [
+    "MIB",
+    "FaultSystem",
+    "Probe",
+    "eventually",
+    "gateway_outcomes",
+    "report",
+    "run_clients",
+]
 
 MIB = 1 << 20
 HEARTBEAT_S = float(FAST_BEATS["LIPSYNC_HEARTBEAT_S"])
@@ -179,6 +188,17 @@ async def run_clients(
     await asyncio.gather(*(c.wait_answers(drain_s) for c in clients))
     for c in clients:
         await c.close()
+
+
+def gateway_outcomes(port: int, op: str = "infer_b") -> Counter[str]:
+    """How the gateway says it ended ``op`` requests, by outcome (its /metrics): the client
+    side's books must match them exactly."""
+    out: Counter[str] = Counter()
+    for (name, labels), value in metrics(port).items():
+        tags = dict(labels)
+        if name == "lipsync_gateway_requests_total" and tags.get("op") == op and value:
+            out[tags["outcome"]] += int(value)
+    return out
 
 
 def memory_line(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:

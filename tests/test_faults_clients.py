@@ -16,7 +16,7 @@ import asyncio
 import time
 
 import pytest
-from fault_harness import MIB, FaultSystem, eventually, memory_line, report
+from fault_harness import MIB, FaultSystem, eventually, gateway_outcomes, memory_line, report
 from gateway_harness import metric
 from websockets.asyncio.client import connect
 
@@ -180,6 +180,9 @@ async def test_client_that_never_reads_costs_only_its_own_frames(system):
     assert isinstance(sentinel, ResponseC) and sentinel.frame_id == n  # nothing else pending
     assert normal.lost == normal.duplicates == normal.unexpected == 0
     assert normal.kinds() == {"ok": normal.sent} and normal.sent > 0
+    # the gateway produced every one of the slow client's frames (+ the sentinel), ok
+    outcomes = await asyncio.to_thread(gateway_outcomes, system.port)
+    assert outcomes == {"ok": normal.sent + n + 1}
     assert peak - before["gateway"][0] < 48 * MIB  # 80 MB were produced for it
     report(
         "client that never reads (800 x 100 kB) beside a normal one",
@@ -292,6 +295,7 @@ async def test_burst_far_above_capacity(system):
     assert set(kinds) == {"ok", "overloaded"}, kinds  # none waited for its deadline
     assert kinds["overloaded"] >= 180
     assert kinds["overloaded"] == stats["broker"]["overloaded"]
+    assert await asyncio.to_thread(gateway_outcomes, system.port) == kinds
     assert kinds["ok"] >= 24  # queue + worker capacity
     overloaded_wait = max(o.answered_at - o.sent_at for o in ledger.outcomes if o.kind != "ok")
     assert overloaded_wait < deadline_s  # refused at once: a queued one would wait it out

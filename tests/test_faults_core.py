@@ -16,7 +16,14 @@ import time
 from collections import Counter
 
 import pytest
-from fault_harness import FaultSystem, eventually, memory_line, report, run_clients
+from fault_harness import (
+    FaultSystem,
+    eventually,
+    gateway_outcomes,
+    memory_line,
+    report,
+    run_clients,
+)
 from gateway_harness import metric
 
 from lipsync.bench.ledger import CLOSED, Ledger, LedgerClient
@@ -100,6 +107,7 @@ async def test_broker_killed_and_restarted_mid_stream(system):
 
     assert ledger.lost == ledger.duplicates == ledger.unexpected == 0
     assert ledger.answered == ledger.sent
+    assert await asyncio.to_thread(gateway_outcomes, system.port) == ledger.kinds()
     errors = ledger.errors()
     assert set(errors) <= BROKER_DOWN, errors
     assert errors["broker_unavailable"] >= 30

@@ -17,7 +17,14 @@ import signal
 import time
 
 import pytest
-from fault_harness import FaultSystem, eventually, memory_line, report, run_clients
+from fault_harness import (
+    FaultSystem,
+    eventually,
+    gateway_outcomes,
+    memory_line,
+    report,
+    run_clients,
+)
 
 from lipsync.bench.ledger import Ledger, LedgerClient
 from shared.errors import ErrorCode, ServiceError
@@ -49,11 +56,14 @@ async def answered_at_least(ledger: Ledger, n: int) -> None:
     await eventually(lambda: ledger.answered >= n, timeout=60, what=f"{n} answers")
 
 
-def assert_exactly_once(ledger: Ledger) -> None:
+async def assert_exactly_once(system: FaultSystem, ledger: Ledger) -> None:
+    """Every request answered once, and the gateway's own count of how each ended agrees
+    with the clients' outcome by outcome."""
     assert ledger.lost == 0
     assert ledger.duplicates == 0
     assert ledger.unexpected == 0
     assert ledger.answered == ledger.sent == len(ledger.outcomes)
+    assert await asyncio.to_thread(gateway_outcomes, system.port) == ledger.kinds()
 
 
 async def test_worker_sigkill_mid_batch(system):
@@ -88,7 +98,7 @@ async def test_worker_sigkill_mid_batch(system):
     after = {n: p.sample() for n, p in system.probes().items()}
     stats = await system.wait_idle()
 
-    assert_exactly_once(ledger)
+    await assert_exactly_once(system, ledger)
     assert ledger.kinds() == {"ok": ledger.sent}
     assert stats["broker"]["redispatched"] >= 1  # it did hold requests when it died
     report(
@@ -141,7 +151,7 @@ async def test_worker_sigstop_until_dead_then_sigcont(system):
     after = {n: p.sample() for n, p in system.probes().items()}
     stats = await system.wait_idle(sessions_dropped=True)
 
-    assert_exactly_once(ledger)
+    await assert_exactly_once(system, ledger)
     assert ledger.kinds() == {"ok": ledger.sent}
     assert redispatched >= 1  # it held requests when it stalled
     assert stalled.poll() is None
@@ -204,7 +214,7 @@ async def test_worker_loses_its_package_files(system, tiny_package, tmp_path):
     after = {n: p.sample() for n, p in system.probes().items()}
     stats = await system.wait_idle()
 
-    assert_exactly_once(ledger)
+    await assert_exactly_once(system, ledger)
     assert ledger.kinds() == {"ok": 16 * 5}
     assert worker.poll() is None
     assert [(w["id"], w["pid"], w["models"]) for w in stats["workers"]] == [
