@@ -88,6 +88,16 @@ def test_bench_report_accounts_for_every_request(system, tmp_path, processes, ar
     assert all(p["cpu_percent"] is not None and p["rss"] > 0 for p in report["processes"])
 
 
+def test_bench_stream_mode(system, tmp_path, processes):
+    """One paced stream: every frame the server owed is either received or counted dropped."""
+    report = _bench(system, tmp_path / "stream.json", "--mode", "stream")
+    r = report["result"]
+    assert r["answered"] > 0, processes.logs()
+    assert r["sent"] == r["answered"] + r["dropped"]
+    assert r["errors"] == 0, r["errors_by_kind"]
+    assert r["latency_ms"]["p50"] > 0  # audio-in to frame-out, lookahead included
+
+
 def test_error_kinds_and_percentiles():
     assert classify_error("overloaded: queue for tiny is full") == "overloaded"
     assert classify_error("deadline_exceeded: deadline passed") == "deadline_exceeded"

@@ -74,8 +74,10 @@ class Plan:
             if self.layout == "A":
                 data = A_NAME_LEN.pack(len(name)) + name + A_FRAME.pack(frame_id)
             else:
-                audio = b_window(self.b_track, frame_id, self.fps) if self.audio else b""
-                assert self.b_track is not None or not self.audio
+                track = self.b_track
+                audio = (
+                    b_window(track, frame_id, self.fps) if self.audio and track is not None else b""
+                )
                 data = b"".join(
                     (B_U32.pack(len(name)), name, struct.pack("<II", frame_id, len(audio)), audio)
                 )

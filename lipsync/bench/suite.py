@@ -137,7 +137,7 @@ class Suite:
     def decoded_bytes(self) -> int:
         """Bytes of every decoded frame of the package (what the frame caches hold)."""
         info = json.loads((self.package() / "package_info.json").read_text())
-        n = info["videos"]["full_body_img"]["frame_count"]
+        n = int(info["videos"]["full_body_img"]["frame_count"])
         w, h = self.s.size
         return n * 3 * (w * h + 328 * 328 + 2 * 320 * 320)
 
@@ -309,13 +309,13 @@ class Suite:
                 if n in self.s.scale:
                     throughput[str(n)] = self.model_load(system, clients=2 * n, in_flight=4)
                 touched = touch_frames(system.url, pkg.name, self.s.frames, rounds=2, clients=2 * n)
-                workers = []
+                workers: list[dict[str, Any]] = []
                 for name, pid in sorted(system.worker_pids().items()):
                     proc = Proc(pid, "worker", psutil.Process(pid))
                     cache = mapped(proc, ".framecache")
                     workers.append({"worker": name, **memory(proc), "framecache": cache})
                 total_pss = sum(w.get("pss", 0) for w in workers)
-                row = {
+                row: dict[str, Any] = {
                     "workers": n,
                     "touched_frames": touched,
                     "per_worker": workers,
@@ -420,7 +420,8 @@ def cpu_ms_per_frame(run: dict[str, Any] | None, roles: tuple[str, ...]) -> floa
         return None
     r = run["result"]
     percent = sum(p["cpu_percent"] or 0.0 for p in run.get("processes", []) if p["role"] in roles)
-    return 10 * percent * r["window_s"] / r["answered_in_window"]
+    fps = float(r.get("frames_per_s_fit") or r["answered_in_window"] / r["window_s"])
+    return 10 * percent / fps
 
 
 def _encoder_cpu_ms(report: dict[str, Any], batch: int) -> float | None:
@@ -587,11 +588,12 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
                 None,
             )
     pl = steps.get("pipelining") or {}
-    for n in (1, 4):
-        seq, pipe_n = _fps(pl.get(f"sequential_{n}")), _fps(pl.get(f"pipelined_{n}"))
+    for clients in (1, 4):
+        seq = _fps(pl.get(f"sequential_{clients}"))
+        pipe_n = _fps(pl.get(f"pipelined_{clients}"))
         if seq and pipe_n is not None:
             row(
-                f"pipelined / sequential, {n} client(s), null {NULL_SERVICE_MS:.0f} ms/frame",
+                f"pipelined / sequential, {clients} client(s), null {NULL_SERVICE_MS:.0f} ms/frame",
                 ">= 3x",
                 f"{pipe_n:.0f} / {seq:.0f} fps",
                 pipe_n / seq,
