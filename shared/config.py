@@ -38,6 +38,7 @@ class WorkerConfig:
     models_dir: str = "models"
     models: str = ""  # comma list; empty = every package in models_dir
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    worker_index: int = 0  # slot on this host: with device auto, GPU = index mod GPU count
     backend: str = "torch"  # torch | null
     max_batch: int = 4
     max_delay_ms: float = 5.0  # how long to wait for a batch to fill

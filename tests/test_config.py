@@ -40,3 +40,15 @@ def test_booleans(raw, expected):
 def test_bad_value_names_the_variable():
     with pytest.raises(ValueError, match="LIPSYNC_MAX_BATCH='many'"):
         from_env(WorkerConfig, {"LIPSYNC_MAX_BATCH": "many"})
+
+
+def test_worker_index_from_supervisord_spreads_auto_devices():
+    """supervisord gives each worker LIPSYNC_WORKER_INDEX; ``auto`` maps it onto the GPUs."""
+    from workers.unet import resolve_device
+
+    assert from_env(WorkerConfig, {"LIPSYNC_WORKER_INDEX": "3"}).worker_index == 3
+    import torch
+
+    expected = f"cuda:{3 % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    assert str(resolve_device("auto", 3)) == expected
+    assert str(resolve_device("cpu", 3)) == "cpu"

@@ -109,6 +109,7 @@ class TorchBackend:
         models_dir: str | Path,
         *,
         device: str = "auto",
+        device_index: int = 0,
         fp16: bool = False,
         max_batch: int = 4,
         jpeg_quality: int = 85,
@@ -117,7 +118,7 @@ class TorchBackend:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.models_dir = Path(models_dir)
-        self.torch_device = resolve_device(device)
+        self.torch_device = resolve_device(device, device_index)
         self.device = str(self.torch_device)
         self.cuda = self.torch_device.type == "cuda"
         if fp16 and not self.cuda:
@@ -145,6 +146,7 @@ class TorchBackend:
         backend = cls(
             config.models_dir,
             device=config.device,
+            device_index=config.worker_index,
             fp16=config.fp16,
             max_batch=config.max_batch,
             jpeg_quality=config.jpeg_quality,

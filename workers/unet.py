@@ -242,12 +242,16 @@ class UNet328(nn.Module):
         return torch.sigmoid(self.outc(x))
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else CPU; anything else as given."""
+def resolve_device(spec: str | torch.device = "auto", index: int = 0) -> torch.device:
+    """``auto`` → CUDA device ``index mod count`` when there is one, else CPU; anything else
+    as given. ``index`` is the worker's slot on its host (supervisord's process number), so
+    N workers started with ``--device auto`` spread over the host's GPUs."""
     if isinstance(spec, torch.device):
         return spec
     if spec == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{index % torch.cuda.device_count()}")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} asked for but cuda is not available")
