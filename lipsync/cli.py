@@ -90,7 +90,11 @@ def _make_package(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
-    from workers.demo.cli import train_demo
+    try:
+        from workers.demo.cli import train_demo
+    except ModuleNotFoundError as exc:
+        print(f"lipsync train-demo: not available in this checkout ({exc.name} missing)")
+        return 2
 
     return train_demo(args)
 
