@@ -74,14 +74,20 @@ def _ensure_package(models_dir: Path) -> None:
     if _has_package(models_dir):
         return
     models_dir.mkdir(parents=True, exist_ok=True)
-    print(f"lipsync up: {models_dir} holds no package; building the demo avatar", flush=True)
     try:
         from workers.demo import build_demo_package
     except ImportError:  # demo trainer not installed: fall back to a random-weight package
         from workers.make_package import make_package
 
+        print(
+            f"lipsync up: {models_dir} holds no package and the demo trainer is not in this "
+            "checkout: writing a synthetic package with random weights (the mouth will not "
+            "follow the voice)",
+            flush=True,
+        )
         make_package(models_dir, name="demo", frames=50, size=(640, 360), width="quarter")
     else:
+        print(f"lipsync up: {models_dir} holds no package; building the demo avatar", flush=True)
         build_demo_package(models_dir, name="demo", progress=True)
 
 
