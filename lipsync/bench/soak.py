@@ -48,6 +48,7 @@ from typing import Any
 import psutil
 
 from lipsync.bench.ledger import Ledger, LedgerClient, write_null_package
+from lipsync.bench.system import kill_all
 
 
 __all__ = ["FAULTS", "SoakSystem", "run_soak"]
@@ -126,17 +127,7 @@ class SoakSystem:
         self.procs[name].send_signal(sig)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_all(self.procs.values())
 
     def exited(self) -> dict[str, int]:
         """Processes that died without being killed by us: name -> exit code."""

@@ -17,13 +17,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from lipsync.bench.procs import Proc, find_processes
 
 
-__all__ = ["System", "free_port"]
+__all__ = ["System", "free_port", "kill_all"]
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_ENV = {"LIPSYNC_LOG_LEVEL": "WARNING"}
@@ -33,6 +34,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def kill_all(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """SIGKILL each process's group (each was started in its own session), then reap."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class System:
@@ -103,17 +120,7 @@ class System:
         return name
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_all(self.procs.values())
         self.procs.clear()
 
     def stop_worker(self, name: str) -> None:
