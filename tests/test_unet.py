@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from workers.unet import WIDTHS, UNet328, prepare_module, resolve_device
+from workers.unet import WIDTHS, UNet328, fold_batchnorm, prepare_module, resolve_device
 
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -90,6 +91,32 @@ def test_channels_last_gives_the_same_output():
         prepare_module(model, "cpu", channels_last=True)
         got = model(image.to(memory_format=torch.channels_last), audio)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_folding_batch_norms_keeps_the_output() -> None:
+    """Every batch norm after a conv is folded (the audio branch's bn3/bn5, used by name in
+    its forward, stay) and the output moves by float rounding only, with running
+    statistics far from the identity (a freshly built model's would hide a wrong fold)."""
+    torch.manual_seed(2)
+    model = UNet328(WIDTHS["quarter"]).eval()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.3, 3)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+    image, audio = torch.rand(2, 6, 320, 320), torch.rand(2, 32, 16, 16)
+    total = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.inference_mode():
+        want = model(image, audio)
+        prepare_module(model, "cpu")
+        got = model(image, audio)
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert left == ["audio_model.bn3", "audio_model.bn5"]
+    assert total > 50
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(UNet328(WIDTHS["quarter"]).train())
 
 
 # --- independent re-computation ------------------------------------------------------------

@@ -20,6 +20,12 @@ than NCHW at every width. Inputs may come in either layout (the first conv conve
 NHWC saves nothing measurable); the output is then NHWC-strided, so ``out.permute(0, 2, 3, 1)``
 is already contiguous HWC. ``forward`` casts its inputs to the module's dtype, so callers can
 always hand in float32.
+
+``prepare_module`` also folds every batch norm that follows a convolution into that
+convolution's weights and bias (``fold_batchnorm``): in eval mode a batch norm is a fixed
+per-channel affine map, and on CPU it measured ~20% of a quarter-width forward (one more
+pass over every activation). Folded, the quarter-width forward went from ~45 to ~35 ms per
+frame on 2 cores; outputs change by float rounding only (~1e-7).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 __all__ = [
@@ -39,6 +46,7 @@ __all__ = [
     "DoubleConvDW",
     "InvertedResidual",
     "UNet328",
+    "fold_batchnorm",
     "prepare_module",
     "resolve_device",
     "width_name",
@@ -258,23 +266,48 @@ def resolve_device(spec: str | torch.device = "auto", index: int = 0) -> torch.d
     return device
 
 
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold each ``BatchNorm2d`` that directly follows a ``Conv2d`` in an ``nn.Sequential``
+    into the convolution (which gains a bias), leaving ``nn.Identity`` in its place; returns
+    how many were folded. Eval mode only: the fold bakes in the running statistics, so a
+    folded module can no longer train or load a checkpoint (its state dict has lost the
+    batch norms). In place."""
+    if module.training:
+        raise ValueError("fold_batchnorm needs a module in eval mode")
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+                folded += 1
+    return folded
+
+
 def prepare_module(
     module: nn.Module,
     device: str | torch.device = "cpu",
     *,
     half: bool = False,
     channels_last: bool = True,
+    fold: bool = True,
 ) -> nn.Module:
-    """Put ``module`` in eval mode on ``device``, optionally fp16, and channels_last.
+    """Put ``module`` in eval mode on ``device``, optionally fp16, and channels_last, with
+    its batch norms folded into the convolutions before them (``fold``).
 
     ``half`` is refused on CPU. ``channels_last`` is on by default because it is faster on
     both CPU and CUDA for this network (see the module docstring); inputs need no matching
-    layout, and ``UNet328.forward`` casts the dtype.
+    layout, and ``UNet328.forward`` casts the dtype. Folding happens in float32, before the
+    cast to fp16, so fp16 rounds the folded weights once.
     """
     dev = resolve_device(device)
     if half and dev.type != "cuda":
         raise ValueError("fp16 needs a cuda device")
-    module = module.eval().to(dev)
+    module = module.eval()
+    if fold:
+        fold_batchnorm(module)
+    module = module.to(dev)
     if half:
         module = module.half()
     if channels_last:
