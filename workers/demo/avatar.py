@@ -38,9 +38,9 @@ __all__ = [
     "roi_320",
 ]
 
-FRAME_SIZE = (640, 640)  # full frame (width, height)
-SCALE = 1.6  # the face is designed at 1.0 and drawn at this size
-RECT_SIDE = 160  # face rectangle side in full-frame pixels (100 design units)
+FRAME_SIZE = (480, 480)  # full frame (width, height)
+SCALE = 1.0  # the face is designed in units of this many pixels
+RECT_SIDE = 200  # face rectangle side in full-frame pixels
 CROP_SIZE = 328
 ROI_SIZE = 320
 
@@ -65,14 +65,14 @@ _TEETH = (222, 230, 238)
 _TONGUE = (96, 96, 196)
 
 # Face layout in design units (× SCALE = full-frame pixels), relative to the head centre.
-_HEAD_CENTRE = (320.0, 300.0)  # full-frame pixels
+_HEAD_CENTRE = (240.0, 212.0)  # full-frame pixels
 _HEAD_AXES = (116.0, 148.0)
 _MOUTH_Y = 84.0  # mouth centre below head centre
 _MOUTH_HALF_WIDTH = 37.0
 _MOUTH_MAX_OPEN = 40.0
-_RECT_TOP = _MOUTH_Y - 40.0  # rect: 40 units above the mouth to 60 below, 100 wide
+_RECT_TOP = 4.0  # rect top below the head centre: under the eyes, over the nose tip
 
-MOUTH_BOX = (0.1, 0.15, 0.9, 0.85)
+MOUTH_BOX = (0.22, 0.26, 0.78, 0.66)
 """The mouth area as fractions of the face rectangle (x1, y1, x2, y2): it holds the widest
 and most open mouth, and little else. ``mouth_opening`` measures inside it."""
 
@@ -120,10 +120,7 @@ def idle_poses(n: int = 100, seed: int = 0) -> list[Pose]:
 def face_rect(pose: Pose) -> tuple[int, int, int, int]:
     """The square face rectangle ``(x1, y1, x2, y2)`` of a pose, in whole pixels.
 
-    It holds the mouth and the skin around it, and stops short of the nostrils and the
-    chin's outline: everything in it but the mouth is smooth skin, which a small network
-    learns to reproduce exactly in a few minutes (sharp outlines it would blur, and the
-    blur would show as a square patch on the face).
+    Like SyncTalk_2D's: the lower face from the nose down to below the chin, jaw to jaw.
     """
     cx = _HEAD_CENTRE[0] + pose.dx
     top = _HEAD_CENTRE[1] + pose.dy + _RECT_TOP * SCALE
@@ -190,14 +187,13 @@ def draw_frame(pose: Pose, mouth: Mouth = Mouth()) -> np.ndarray:
     ax, ay = _HEAD_AXES
     # Shoulders and neck move less than the head.
     body = _Canvas(img, _HEAD_CENTRE[0] + 0.3 * pose.dx, _HEAD_CENTRE[1] + 0.3 * pose.dy)
-    body.ellipse((0, 215), (190, 80), _SHIRT)
-    c.poly(np.array([[-46, 100], [46, 100], [54, 220], [-54, 220]]), _SKIN_SHADE)
+    body.ellipse((0, 308), (200, 130), _SHIRT)
+    c.poly(np.array([[-44, 90], [44, 90], [50, 208], [-50, 208]]), _SKIN_SHADE)
     # Hair behind the head, ears, face and jaw, hair cap.
     c.ellipse((0, -22), (ax + 12, ay - 6), _HAIR)
     for side in (-1, 1):
         c.ellipse((side * (ax - 4), 6), (15, 27), _SKIN_SHADE)
     c.ellipse((0, 0), (ax, ay), _SKIN)
-    c.ellipse((0, 60), (104, 100), _SKIN)  # a rounder jaw: skin all around the mouth
     c.ellipse((0, -58), (ax + 4, 92), _HAIR, 180, 360)
     # Eyes, lids, brows.
     for side in (-1, 1):

@@ -1,0 +1,272 @@
+"""Build the demo package: draw the idle loop, write the videos, train (or load the
+committed weights), encode the idle audio, write weights and features, rename into place.
+
+The package is the section-6 layout, quarter width. Its own frames all have the mouth
+closed; ``aud_ave.npy`` holds the trained encoder's features of a quiet recording (a faint
+noise floor, not digital zeros: an all-zero window is not what the encoder calls silence),
+so frames served without audio show the avatar idle with its mouth shut.
+
+Weights: ``workers/demo/demo_weights.pth`` (committed, fp16, made by
+``lipsync train-demo --seed 0 --save-weights``) is used when present and made with the
+same seed; otherwise the package is trained here, which takes a few minutes on a laptop
+CPU and shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from workers.audio_encoder import AudioEncoder
+from workers.demo.avatar import FRAME_SIZE, RECT_SIDE
+from workers.demo.dataset import IdleLoop, render_idle, speech_clips
+from workers.demo.progress import Progress
+from workers.demo.train import TrainConfig, train
+from workers.make_package import mask_mouth
+from workers.mel import FPS, mel_windows, melspectrogram
+from workers.package import (
+    AUDIO_FEATURES,
+    CHECKPOINTS,
+    CROP_SIZE,
+    ENCODER_CHECKPOINT,
+    INFO_FILE,
+    PACKAGE_VERSION,
+    RECTS_FILE,
+    ROI_SIZE,
+    VIDEO_FILES,
+    VIDEO_INFO_KEYS,
+    check_model_name,
+)
+from workers.unet import WIDTHS, UNet328
+
+
+__all__ = [
+    "DEMO_FRAMES",
+    "WEIGHTS_FILE",
+    "build_demo_package",
+    "idle_features",
+    "load_weights",
+    "save_weights",
+    "train_weights",
+    "write_videos",
+]
+
+DEMO_FRAMES = 100
+"""Idle loop length: 4 s at 25 fps."""
+
+WEIGHTS_FILE = Path(__file__).resolve().parent / "demo_weights.pth"
+"""The committed weights (fp16 UNet + encoder state dicts and how they were made)."""
+
+_ENCODER_PREFIX = "audio_encoder."
+
+
+def write_videos(path: Path, loop: IdleLoop) -> None:
+    """The four videos of the package, mp4v like every other package of ours."""
+    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+    sizes = {
+        "full_body": FRAME_SIZE,
+        "crops_328": (CROP_SIZE, CROP_SIZE),
+        "rois_320": (ROI_SIZE, ROI_SIZE),
+        "model_inputs": (ROI_SIZE, ROI_SIZE),
+    }
+    writers = {}
+    try:
+        for kind, file in VIDEO_FILES.items():
+            writer = cv2.VideoWriter(str(path / file), fourcc, FPS, sizes[kind])
+            if not writer.isOpened():
+                raise RuntimeError(f"{file}: opencv cannot write mp4v video here")
+            writers[kind] = writer
+        for full, crop in zip(loop.full, loop.crops, strict=True):
+            roi = np.ascontiguousarray(crop[4:324, 4:324])
+            writers["full_body"].write(full)
+            writers["crops_328"].write(crop)
+            writers["rois_320"].write(roi)
+            writers["model_inputs"].write(mask_mouth(roi))
+    finally:
+        for writer in writers.values():
+            writer.release()
+
+
+def _decode(path: Path) -> np.ndarray:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(frame)
+    finally:
+        cap.release()
+    if not frames:
+        raise RuntimeError(f"{path.name}: no frames decoded")
+    return np.stack(frames)
+
+
+def idle_features(encoder: AudioEncoder, n_frames: int, seed: int = 0) -> np.ndarray:
+    """``aud_ave.npy`` for the idle loop: the encoder's features of a faint noise floor."""
+    rng = np.random.default_rng(seed + 7)
+    samples = int((n_frames + 8) * 16_000 / FPS)
+    quiet = rng.normal(0.0, 10 ** (-72 / 20), samples).astype(np.float32)
+    windows = mel_windows(melspectrogram(quiet, 16_000), n_frames, FPS)
+    encoder.eval()
+    with torch.no_grad():
+        feats = encoder(torch.from_numpy(windows).unsqueeze(1)).numpy()
+    return np.ascontiguousarray(feats, dtype=np.float32)
+
+
+def train_weights(
+    loop: IdleLoop,
+    rois: np.ndarray,
+    masked: np.ndarray,
+    config: TrainConfig,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[UNet328, AudioEncoder, dict[str, Any]]:
+    """Synthesise the speech and train; returns the networks and the training log."""
+    clips = speech_clips(config.speech_seconds, config.clip_seconds, config.seed)
+    result = train(rois, masked, loop.poses, clips, config, progress=progress, log=log)
+    return result.unet, result.encoder, result.log
+
+
+def save_weights(path: Path, unet: UNet328, encoder: AudioEncoder, meta: dict[str, Any]) -> None:
+    """Both state dicts in fp16 (half the bytes; they load into fp32 modules unchanged)."""
+
+    def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    blob = {"unet": half(unet.state_dict()), "encoder": half(encoder.state_dict()), "meta": meta}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path = WEIGHTS_FILE) -> tuple[UNet328, AudioEncoder, dict[str, Any]]:
+    """Read weights saved by ``save_weights`` into fp32 modules in eval mode."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = dict(blob.get("meta", {}))
+    unet = UNet328(WIDTHS[meta.get("width", "quarter")])
+    unet.load_state_dict(blob["unet"], strict=True)
+    encoder = AudioEncoder()
+    encoder.load_state_dict(blob["encoder"], strict=True)
+    return unet.eval(), encoder.eval(), meta
+
+
+def _write_weights(path: Path, unet: UNet328, encoder: AudioEncoder) -> None:
+    torch.save(unet.state_dict(), path / CHECKPOINTS[0])
+    # SyncTalk publishes the encoder without the "audio_encoder." prefix; loaders add it.
+    state = {k.removeprefix(_ENCODER_PREFIX): v for k, v in encoder.state_dict().items()}
+    torch.save(state, path / ENCODER_CHECKPOINT)
+
+
+def _write_metadata(path: Path, name: str, loop: IdleLoop, extra: dict[str, Any]) -> None:
+    (path / RECTS_FILE).write_text(
+        json.dumps({str(i): {"rect": [int(v) for v in r]} for i, r in enumerate(loop.rects)})
+    )
+    n = len(loop)
+    info = {
+        "package_type": "mp4_video_package",
+        "package_version": PACKAGE_VERSION,
+        "dataset_name": name,
+        "original_shape": [CROP_SIZE, CROP_SIZE],
+        "videos": {
+            VIDEO_INFO_KEYS[kind]: {"video_file": file, "frame_count": n, "fps": FPS}
+            for kind, file in VIDEO_FILES.items()
+        },
+        "model": {"arch": "unet328", "audio_mode": "ave", "channels": list(WIDTHS["quarter"])},
+        "demo": {"frame_size": list(FRAME_SIZE), "rect_side": RECT_SIDE, **extra},
+    }
+    (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _stderr(msg: str) -> None:
+    print(f"demo: {msg}", file=sys.stderr, flush=True)
+
+
+def build_demo_package(
+    models_dir: str | os.PathLike[str],
+    name: str = "demo",
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    retrain: bool = False,
+    config: TrainConfig | None = None,
+    save_to: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the demo package ``models_dir/name`` and return its path.
+
+    Uses the committed weights when they exist for ``seed`` (seconds), else trains them
+    (minutes; ``retrain=True`` always trains). ``save_to`` also writes the trained weights
+    there (what refreshes the committed file). Built in a hidden directory and renamed
+    into place; an existing package is kept unless ``overwrite``.
+    """
+    check_model_name(name)
+    root = Path(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists")
+    say = _stderr if progress else (lambda _m: None)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.monotonic()
+    try:
+        (tmp / "cache").mkdir(parents=True)
+        (tmp / "checkpoint").mkdir()
+        loop = render_idle(DEMO_FRAMES, seed)
+        write_videos(tmp, loop)
+        cfg = config or TrainConfig(seed=seed)
+        meta: dict[str, Any]
+        use_committed = (
+            not retrain and config is None and WEIGHTS_FILE.is_file() and _committed_seed() == seed
+        )
+        if use_committed:
+            unet, encoder, meta = load_weights(WEIGHTS_FILE)
+            say(f"using the committed weights ({WEIGHTS_FILE.name})")
+        else:
+            say("training the demo avatar on this CPU (a few minutes, once)")
+            rois = _decode(tmp / VIDEO_FILES["rois_320"])
+            masked = _decode(tmp / VIDEO_FILES["model_inputs"])
+            bar = Progress(cfg.units(), enabled=progress)
+            unet, encoder, history = train_weights(loop, rois, masked, cfg, bar, say)
+            bar.close(f"done in {history['seconds']:.0f}s")
+            meta = {
+                "seed": seed,
+                "width": cfg.width,
+                "torch": str(torch.__version__),
+                "command": f"lipsync train-demo --seed {seed}",
+                "train": history,
+            }
+            if save_to is not None:
+                save_weights(Path(save_to), unet, encoder, meta)
+                say(f"weights saved to {save_to}")
+        np.save(tmp / AUDIO_FEATURES, idle_features(encoder, len(loop), seed))
+        _write_weights(tmp, unet, encoder)
+        _write_metadata(tmp, name, loop, {"seed": seed, "weights": meta.get("command", "")})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"package {final} ready in {time.monotonic() - t0:.0f}s")
+    return final
+
+
+def _committed_seed() -> int | None:
+    try:
+        blob = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        return int(blob["meta"]["seed"])
+    except Exception:  # unreadable or old file: train instead
+        return None
