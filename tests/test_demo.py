@@ -169,8 +169,9 @@ def test_mouth_follows_real_speech_through_the_engine(backend, tmp_path: Path) -
     ]
     report = sync_report(np.stack(_render(backend, items)), audio)
     assert report.r >= 0.6, report
-    assert report.open_speech > 0.05, report
-    assert report.open_silence < 0.01, report
+    # Drawn openings for scale: 0.25 open measures 0.033, 0.1 open 0.009, closed 0.
+    assert report.open_speech > 0.03, report  # the loudest quarter of frames: open
+    assert report.open_silence < 0.005, report  # silence: closed
 
 
 @pytest.mark.slow
@@ -194,3 +195,19 @@ def test_train_demo_quick_is_reproducible(tmp_path: Path) -> None:
         states.append(torch.load(models / "demo/checkpoint/best_trainloss.pth", weights_only=True))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_committed_weights_come_from_the_current_training_defaults() -> None:
+    """The committed file records the command and configuration that made it; they must be
+    today's defaults (else re-run ``lipsync train-demo --seed 0 --save-weights``)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from workers.demo.build import WEIGHTS_FILE
+    from workers.demo.train import TrainConfig
+
+    meta = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)["meta"]
+    assert meta["command"] == "lipsync train-demo --seed 0"
+    assert meta["seed"] == 0 and meta["width"] == "quarter"
+    assert meta["train"]["config"] == asdict(TrainConfig())

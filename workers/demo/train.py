@@ -17,8 +17,13 @@ even to learn to copy its reference frame, let alone draw a mouth. So:
    to the same cells, so each cell learns exactly the job it has at full size.
 3. **joint** (``joint_steps``): both networks end to end at full resolution, the
    encoder's 16 windows per sample included, at a lower learning rate (the encoder's
-   batch-norm statistics stay frozen). Then every UNet batch norm's statistics are
-   recomputed on full-size batches, so eval mode matches whole frames.
+   batch-norm statistics stay frozen). Then every UNet batch norm's running statistics
+   are recomputed as the plain average of the statistics of stage-2 batches (crops, 8 per
+   batch): the ones the network learned with. Computed on whole frames instead (as the
+   first version did) they differ (a whole face region varies more than a crop), the copy
+   path standardises every pixel a little off, and the served face region came out
+   tinted, a square patch on the face: mean error on idle frames 6.9 grey levels against
+   3.1 with crop statistics, same lip-sync.
 
 Loss: L1 on BGR in [0, 1], weighted ``1 + mouth_extra`` where the target differs from the
 reference frame (the mouth being drawn). Reproducible: one seed drives numpy and torch,
@@ -254,18 +259,38 @@ def _change_weight(target: np.ndarray, reference: np.ndarray, extra: float) -> n
     return (1.0 + extra * grown).astype(np.float32)
 
 
-def _recalibrate_bn(unet: UNet328, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Recompute every batch norm's running statistics as a plain average over full-size
-    batches, so that eval mode sees exactly the statistics of whole face regions (stage 2
-    trained on crops, stage 3 moved them only by momentum)."""
+def _crop_batch(
+    sampler: _Sampler, images: np.ndarray, feats: list[np.ndarray], size: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """A stage-2-like input batch: ``size`` aligned crops of random poses (their own
+    frames as the reference), each with a random speech frame's audio window."""
+    ch, cw = _CROP
+    rng = sampler.rng
+    inputs, audios, cells = [], [], []
+    for _ in range(size):
+        c, i = sampler.frame()
+        j = int(rng.integers(0, len(sampler.poses)))
+        y0 = 32 * int(rng.integers(0, (320 - ch) // 32 + 1))
+        x0 = 32 * int(rng.integers(0, (320 - cw) // 32 + 1))
+        inputs.append(images[j, y0 : y0 + ch, x0 : x0 + cw])
+        audios.append(audio_window(feats[c], i))
+        cells.append((y0 // 32, x0 // 32))
+    return _to_chw(np.stack(inputs)), torch.from_numpy(np.stack(audios)), cells
+
+
+def _recalibrate_bn(
+    unet: UNet328, batches: list[tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]]
+) -> None:
+    """Recompute every batch norm's running statistics as the plain average of the
+    statistics of ``batches`` (crop batches, as in stage 2); leaves the UNet in eval mode."""
     norms = [m for m in unet.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None
     unet.train()
     with torch.no_grad():
-        for x, a in batches:
-            unet(x, a)
+        for x, a, cells in batches:
+            _forward_crops(unet, x, a, cells)
     for bn in norms:
         bn.momentum = 0.1
     unet.eval()
@@ -443,13 +468,13 @@ def _train(
         prog.step(round(unit * (step + 1)) - round(unit * step), f"loss {loss_val:.4f}")
     history["joint_loss"] = loss_val
     feats = _encode_all(encoder, clips)
-    calib = []
-    for _ in range(cfg.calibration_batches):
-        picks = [(*sampler.frame(), int(rng.integers(0, len(poses)))) for _ in range(4)]
-        x = _to_chw(np.stack([images[j] for _c, _i, j in picks]))
-        a = torch.from_numpy(np.stack([audio_window(feats[c], i) for c, i, _j in picks]))
-        calib.append((x, a))
-    _recalibrate_bn(unet, calib)
+    _recalibrate_bn(
+        unet,
+        [
+            _crop_batch(sampler, images, feats, cfg.unet_batch)
+            for _ in range(cfg.calibration_batches)
+        ],
+    )
     history["seconds"] = round(time.monotonic() - t0, 1)
     say(f"stage 3 (joint, full size): loss {loss_val:.4f} after {time.monotonic() - t0:.0f}s")
     return TrainResult(unet.eval(), encoder.eval(), history)
