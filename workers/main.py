@@ -7,6 +7,7 @@ the backend loads its packages and runs its warm-up before the runtime exists.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 from shared.config import WorkerConfig
@@ -28,6 +29,12 @@ def make_backend(config: WorkerConfig) -> Backend:
 
         return NullBackend.from_config(config)
     if config.backend == "torch":
+        # Before torch starts its OpenMP runtime: idle OpenMP threads sleep rather than
+        # spin. A worker shares its cores with its own I/O and JPEG threads (and, on a small
+        # host, with the gateway and broker); spinning threads took the CPU those needed.
+        # Live streams on 2 cores, 1 worker: 17.5 / 14.3 against 15.7 / 12.0 frames/s in two
+        # alternated pairs (BENCHMARKS.md, "Demo avatar"). An explicit setting wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from workers.engine import TorchBackend
 
         backend: Backend = TorchBackend.from_config(config)
