@@ -26,6 +26,7 @@ from workers.audio import AudioFeaturizer
 from workers.backend import InferItem, InferResult
 from workers.checkpoint import load_audio_encoder
 from workers.engine import TorchBackend
+from workers.framecache import decode_video
 from workers.unet import UNet328, prepare_module
 
 
@@ -45,7 +46,7 @@ class Reference:
     """Section 5, written out plainly for one package directory."""
 
     def __init__(self, package: Path) -> None:
-        self.videos = {kind: _decode(package / file) for kind, file in VIDEOS.items()}
+        self.videos = {kind: decode_video(package / file) for kind, file in VIDEOS.items()}
         rects = json.loads((package / "cache" / "crop_rectangles.json").read_text())
         self.rects = {int(k): v["rect"] for k, v in rects.items()}
         self.features = np.load(package / "aud_ave.npy")
@@ -85,18 +86,6 @@ class Reference:
         frame = self.videos["full_body"][i].copy()
         frame[y1:y2, x1:x2] = face
         return frame
-
-
-def _decode(path: Path) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return np.stack(frames)
 
 
 def pcm_clip(seed: int, sr: int = 16000) -> bytes:

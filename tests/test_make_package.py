@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from workers.checkpoint import load_audio_encoder, load_unet
+from workers.framecache import decode_video
 from workers.make_package import MASK_RECT, _rects, make_package
 from workers.package import load_package
 from workers.unet import WIDTHS
@@ -31,18 +31,6 @@ FILES = [
     "checkpoint/best_trainloss.pth",
     "checkpoint/audio_visual_encoder.pth",
 ]
-
-
-def decode(path: Path) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return np.stack(frames)
 
 
 def digests(package: Path) -> dict[str, str]:
@@ -92,10 +80,10 @@ def test_layout_and_metadata(small):
 
 def test_videos_follow_synctalk_preprocessing(small):
     """crops are 328, rois = crop[4:324, 4:324], model inputs = rois with the mouth mask."""
-    full = decode(small / "full_body_video.mp4")
-    crops = decode(small / "crops_328_video.mp4")
-    rois = decode(small / "rois_320_video.mp4")
-    masked = decode(small / "model_inputs_video.mp4")
+    full = decode_video(small / "full_body_video.mp4")
+    crops = decode_video(small / "crops_328_video.mp4")
+    rois = decode_video(small / "rois_320_video.mp4")
+    masked = decode_video(small / "model_inputs_video.mp4")
     assert full.shape == (6, 240, 320, 3)
     assert crops.shape == (6, 328, 328, 3)
     assert rois.shape == masked.shape == (6, 320, 320, 3)
@@ -147,8 +135,8 @@ def test_model_responds_to_image_and_audio(small):
     """Calibrated batch norms: the random UNet's output varies with the image and with the
     audio (uncalibrated, it is a flat grey that no audio changes)."""
     net = load_unet(small / "checkpoint/best_trainloss.pth", "quarter")
-    rois = decode(small / "rois_320_video.mp4")[:2]
-    masked = decode(small / "model_inputs_video.mp4")[:2]
+    rois = decode_video(small / "rois_320_video.mp4")[:2]
+    masked = decode_video(small / "model_inputs_video.mp4")[:2]
     image = torch.from_numpy(np.concatenate([rois, masked], axis=3)).permute(0, 3, 1, 2) / 255
     rows = np.load(small / "aud_ave.npy")[np.arange(16) % 6]  # 16 rows of the 6 there are
     audio = torch.from_numpy(rows.reshape(1, 32, 16, 16))

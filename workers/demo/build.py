@@ -32,6 +32,7 @@ from workers.demo.avatar import FRAME_SIZE, RECT_SIDE
 from workers.demo.dataset import IdleLoop, render_idle, speech_clips
 from workers.demo.progress import Progress
 from workers.demo.train import TrainConfig, train
+from workers.framecache import decode_video
 from workers.make_package import mask_mouth
 from workers.mel import FPS, mel_windows, melspectrogram
 from workers.package import (
@@ -95,22 +96,6 @@ def write_videos(path: Path, loop: IdleLoop) -> None:
     finally:
         for writer in writers.values():
             writer.release()
-
-
-def _decode(path: Path) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(frame)
-    finally:
-        cap.release()
-    if not frames:
-        raise RuntimeError(f"{path.name}: no frames decoded")
-    return np.stack(frames)
 
 
 def idle_features(encoder: AudioEncoder, n_frames: int, seed: int = 0) -> np.ndarray:
@@ -236,8 +221,8 @@ def build_demo_package(
             say(f"using the committed weights ({WEIGHTS_FILE.name})")
         else:
             say("training the demo avatar on this CPU (a few minutes, once)")
-            rois = _decode(tmp / VIDEO_FILES["rois_320"])
-            masked = _decode(tmp / VIDEO_FILES["model_inputs"])
+            rois = decode_video(tmp / VIDEO_FILES["rois_320"])
+            masked = decode_video(tmp / VIDEO_FILES["model_inputs"])
             bar = Progress(cfg.units(), enabled=progress)
             unet, encoder, history = train_weights(loop, rois, masked, cfg, bar, say)
             bar.close(f"done in {history['seconds']:.0f}s")

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -20,6 +19,7 @@ from workers.audio import AudioFeaturizer, audio_windows
 from workers.checkpoint import load_audio_encoder, load_unet
 from workers.demo.avatar import mouth_opening
 from workers.demo.speech import frame_rms
+from workers.framecache import decode_video
 from workers.mel import FPS, SAMPLE_RATE, resample_to_16k
 from workers.package import CHECKPOINTS, ENCODER_CHECKPOINT, VIDEO_FILES
 
@@ -64,18 +64,6 @@ def load_speech(path: str | os.PathLike[str]) -> np.ndarray:
     return resample_poly(x.astype(np.float64), SAMPLE_RATE // g, sr // g).astype(np.float32)
 
 
-def _decode(path: Path) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return np.stack(frames)
-
-
 def render_with_audio(
     package: str | os.PathLike[str], audio16k: np.ndarray, batch: int = 8
 ) -> np.ndarray:
@@ -88,8 +76,8 @@ def render_with_audio(
     unet = load_unet(pkg / CHECKPOINTS[0])
     featurizer = AudioFeaturizer(load_audio_encoder(pkg / ENCODER_CHECKPOINT))
     feats = featurizer.features_from_pcm(audio16k, SAMPLE_RATE)
-    rois = _decode(pkg / VIDEO_FILES["rois_320"])
-    masked = _decode(pkg / VIDEO_FILES["model_inputs"])
+    rois = decode_video(pkg / VIDEO_FILES["rois_320"])
+    masked = decode_video(pkg / VIDEO_FILES["model_inputs"])
     n = feats.shape[0]
     out = np.empty((n, 320, 320, 3), np.uint8)
     with torch.inference_mode():
