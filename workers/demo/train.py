@@ -58,6 +58,8 @@ __all__ = ["TrainConfig", "TrainResult", "train"]
 _HEAD_FRAMES = 5  # frames a mel window covers (0.2 s at 25 fps)
 _CROP = (160, 192)  # height, width of stage-2 crops (multiples of 32)
 _GATE = 0.1  # initial scale of the deep path's weights into the copied output
+_SECONDS_PER_SAMPLE = {"encoder": 0.009, "unet": 0.075, "joint": 0.6}
+"""Rough cost of one training sample per stage on a 2-core laptop: the progress bar's units."""
 
 
 @dataclass(slots=True)
@@ -85,9 +87,9 @@ class TrainConfig:
     def units(self) -> int:
         """Work units for the progress bar (≈ seconds on a 2-core laptop)."""
         return int(
-            self.encoder_steps * self.encoder_batch * 0.009
-            + self.unet_steps * self.unet_batch * 0.075
-            + self.joint_steps * self.joint_batch * 0.6
+            self.encoder_steps * self.encoder_batch * _SECONDS_PER_SAMPLE["encoder"]
+            + self.unet_steps * self.unet_batch * _SECONDS_PER_SAMPLE["unet"]
+            + self.joint_steps * self.joint_batch * _SECONDS_PER_SAMPLE["joint"]
         )
 
 
@@ -259,19 +261,47 @@ def _change_weight(target: np.ndarray, reference: np.ndarray, extra: float) -> n
     return (1.0 + extra * grown).astype(np.float32)
 
 
+class _Stage:
+    """One stage's optimiser steps: the update, a smoothed loss, and the progress bar."""
+
+    def __init__(self, opt: torch.optim.Optimizer, prog: Progress, unit: float) -> None:
+        self.opt = opt
+        self.prog = prog
+        self.unit = unit  # progress units per step
+        self.steps = 0
+        self.loss = float("nan")
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        value = loss.item()
+        self.loss = 0.9 * self.loss + 0.1 * value if self.steps else value
+        done = round(self.unit * (self.steps + 1)) - round(self.unit * self.steps)
+        self.prog.step(done, f"loss {self.loss:.4f}")
+        self.steps += 1
+
+
+def _pick_crop(sampler: _Sampler) -> tuple[int, int, int, int, int]:
+    """A stage-2 sample: speech frame ``(c, i)``, pose ``j``, and the top-left corner
+    ``(y0, x0)`` of a ``_CROP`` crop on the UNet's 32-pixel bottleneck grid."""
+    ch, cw = _CROP
+    c, i = sampler.frame()
+    j = int(sampler.rng.integers(0, len(sampler.poses)))
+    y0 = 32 * int(sampler.rng.integers(0, (320 - ch) // 32 + 1))
+    x0 = 32 * int(sampler.rng.integers(0, (320 - cw) // 32 + 1))
+    return c, i, j, y0, x0
+
+
 def _crop_batch(
     sampler: _Sampler, images: np.ndarray, feats: list[np.ndarray], size: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """A stage-2-like input batch: ``size`` aligned crops of random poses (their own
     frames as the reference), each with a random speech frame's audio window."""
     ch, cw = _CROP
-    rng = sampler.rng
     inputs, audios, cells = [], [], []
     for _ in range(size):
-        c, i = sampler.frame()
-        j = int(rng.integers(0, len(sampler.poses)))
-        y0 = 32 * int(rng.integers(0, (320 - ch) // 32 + 1))
-        x0 = 32 * int(rng.integers(0, (320 - cw) // 32 + 1))
+        c, i, j, y0, x0 = _pick_crop(sampler)
         inputs.append(images[j, y0 : y0 + ch, x0 : x0 + cw])
         audios.append(audio_window(feats[c], i))
         cells.append((y0 // 32, x0 // 32))
@@ -355,21 +385,16 @@ def _train(
     head = nn.Linear(512, 2 * _HEAD_FRAMES)
     encoder.train()
     opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=cfg.encoder_lr)
-    loss_val = float("nan")
-    unit = cfg.encoder_batch * 0.009
+    stage = _Stage(opt, prog, cfg.encoder_batch * _SECONDS_PER_SAMPLE["encoder"])
     for step in range(cfg.encoder_steps):
         _set_lr(opt, _cosine(step, cfg.encoder_steps, cfg.encoder_lr))
         picks = [sampler.frame() for _ in range(cfg.encoder_batch)]
         mel = torch.from_numpy(np.stack([clips[c].windows[i] for c, i in picks])).unsqueeze(1)
         want = torch.from_numpy(np.stack([sampler.head_targets(c, i) for c, i in picks]))
         loss = F.mse_loss(head(encoder(mel)), want)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_val = 0.9 * loss_val + 0.1 * loss.item() if step else loss.item()
-        prog.step(round(unit * (step + 1)) - round(unit * step), f"loss {loss_val:.4f}")
-    history["encoder_loss"] = loss_val
-    say(f"stage 1 (audio encoder): loss {loss_val:.4f} after {time.monotonic() - t0:.0f}s")
+        stage.step(loss)
+    history["encoder_loss"] = stage.loss
+    say(f"stage 1 (audio encoder): loss {stage.loss:.4f} after {time.monotonic() - t0:.0f}s")
 
     # Stage 2: UNet on aligned crops, encoder fixed.
     prog.set_stage("2/3 unet")
@@ -382,15 +407,12 @@ def _train(
     aux = nn.Linear(unet.channels[4], 2)
     opt = torch.optim.Adam([*unet.parameters(), *aux.parameters()], lr=cfg.unet_lr)
     ch, cw = _CROP
-    unit = cfg.unet_batch * 0.075
+    stage = _Stage(opt, prog, cfg.unet_batch * _SECONDS_PER_SAMPLE["unet"])
     for step in range(cfg.unet_steps):
         _set_lr(opt, _cosine(step, cfg.unet_steps, cfg.unet_lr))
         inputs, targets, audios, weights, cells, mouths = [], [], [], [], [], []
         for _ in range(cfg.unet_batch):
-            c, i = sampler.frame()
-            j = int(rng.integers(0, len(poses)))
-            y0 = 32 * int(rng.integers(0, (320 - ch) // 32 + 1))
-            x0 = 32 * int(rng.integers(0, (320 - cw) // 32 + 1))
+            c, i, j, y0, x0 = _pick_crop(sampler)
             window = audio_window(feats[c], i)
             if rng.uniform() < cfg.layout_b_prob:
                 window = _layout_b(window, feats[c], i)
@@ -411,13 +433,9 @@ def _train(
         want = torch.tensor(mouths, dtype=torch.float32)
         loss = (wgt * (out - y).abs()).mean() / wgt.mean()
         loss = loss + cfg.aux_weight * F.mse_loss(aux(a_map.mean(dim=(2, 3))), want)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_val = 0.9 * loss_val + 0.1 * loss.item() if step else loss.item()
-        prog.step(round(unit * (step + 1)) - round(unit * step), f"loss {loss_val:.4f}")
-    history["unet_loss"] = loss_val
-    say(f"stage 2 (unet on crops): loss {loss_val:.4f} after {time.monotonic() - t0:.0f}s")
+        stage.step(loss)
+    history["unet_loss"] = stage.loss
+    say(f"stage 2 (unet on crops): loss {stage.loss:.4f} after {time.monotonic() - t0:.0f}s")
 
     # Stage 3: both, end to end, full resolution.
     prog.set_stage("3/3 joint")
@@ -425,7 +443,7 @@ def _train(
     encoder.eval()  # its weights learn, its batch-norm statistics stay those of stage 1
     params = [*unet.parameters(), *encoder.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.joint_lr)
-    unit = cfg.joint_batch * 0.6
+    stage = _Stage(opt, prog, cfg.joint_batch * _SECONDS_PER_SAMPLE["joint"])
     for step in range(cfg.joint_steps):
         _set_lr(opt, _cosine(step, cfg.joint_steps, cfg.joint_lr, warmup=3))
         picks = []
@@ -461,12 +479,8 @@ def _train(
         ).unsqueeze(1)
         out = unet(x, audio)
         loss = (wgt * (out - y).abs()).mean() / wgt.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_val = 0.9 * loss_val + 0.1 * loss.item() if step else loss.item()
-        prog.step(round(unit * (step + 1)) - round(unit * step), f"loss {loss_val:.4f}")
-    history["joint_loss"] = loss_val
+        stage.step(loss)
+    history["joint_loss"] = stage.loss
     feats = _encode_all(encoder, clips)
     _recalibrate_bn(
         unet,
@@ -476,5 +490,5 @@ def _train(
         ],
     )
     history["seconds"] = round(time.monotonic() - t0, 1)
-    say(f"stage 3 (joint, full size): loss {loss_val:.4f} after {time.monotonic() - t0:.0f}s")
+    say(f"stage 3 (joint, full size): loss {stage.loss:.4f} after {time.monotonic() - t0:.0f}s")
     return TrainResult(unet.eval(), encoder.eval(), history)
