@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,7 +49,14 @@ from workers.package import (
 from workers.unet import WIDTHS, UNet328
 
 
-__all__ = ["MASK_RECT", "make_package", "mask_mouth"]
+__all__ = [
+    "MASK_RECT",
+    "PackageVideos",
+    "make_package",
+    "mask_mouth",
+    "save_checkpoints",
+    "write_metadata",
+]
 
 FPS = 25
 MASK_RECT = (5, 5, 310, 305)
@@ -114,31 +123,75 @@ def _write(
 
     calibration: list[tuple[np.ndarray, np.ndarray]] = []  # (rois, masked) of a few frames
     picks = set(np.linspace(0, frames - 1, min(frames, 2)).round().astype(int).tolist())
-    writers = {
-        kind: _writer(path / file, (size if kind == "full_body" else _square(kind)))
-        for kind, file in VIDEO_FILES.items()
-    }
-    try:
+    with PackageVideos(path, size) as videos:
         for i in range(frames):
             full = scene.draw(i, rects[i], float(features[i].mean()))
             x1, y1, x2, y2 = rects[i]
             crop = cv2.resize(
                 full[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC
             )
-            roi = crop[4:324, 4:324]
-            writers["full_body"].write(full)
-            writers["crops_328"].write(crop)
-            writers["rois_320"].write(np.ascontiguousarray(roi))
-            writers["model_inputs"].write(mask_mouth(roi))
+            roi = videos.write(full, crop)
             if i in picks:
                 calibration.append((roi.copy(), mask_mouth(roi)))
-    finally:
-        for writer in writers.values():
-            writer.release()
 
     np.save(path / AUDIO_FEATURES, features)
+    write_metadata(
+        path, name, rects, width, {"synthetic": {"seed": seed, "size": list(size), "width": width}}
+    )
+    _save_weights(path, width, seed, features, calibration)
+
+
+class PackageVideos:
+    """A package's four videos (mp4v), open for writing a frame at a time.
+
+    ``write(full, crop)`` takes the full frame and its 328×328 face crop and derives the
+    other two as SyncTalk_2D's preprocessing does (ROI = ``crop[4:324, 4:324]``, model
+    input = the ROI with the mouth masked), so every package maker writes the same layout.
+    """
+
+    def __init__(self, path: Path, full_size: tuple[int, int]) -> None:
+        self._writers: dict[str, cv2.VideoWriter] = {}
+        try:
+            for kind, file in VIDEO_FILES.items():
+                size = full_size if kind == "full_body" else _square(kind)
+                self._writers[kind] = _writer(path / file, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, full: np.ndarray, crop: np.ndarray) -> np.ndarray:
+        """Write one frame to all four videos; returns the ROI (a view of ``crop``)."""
+        roi = crop[4:324, 4:324]
+        self._writers["full_body"].write(full)
+        self._writers["crops_328"].write(crop)
+        self._writers["rois_320"].write(np.ascontiguousarray(roi))
+        self._writers["model_inputs"].write(mask_mouth(roi))
+        return roi
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.release()
+
+    def __enter__(self) -> PackageVideos:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def write_metadata(
+    path: Path, name: str, rects: np.ndarray, width: str, extra: dict[str, Any]
+) -> None:
+    """``rects.json`` and ``package_info.json`` for a package of ``len(rects)`` frames at
+    ``width``; ``extra`` adds top-level keys to the info (how the package was made)."""
     rect_map = {str(i): {"rect": [int(v) for v in r]} for i, r in enumerate(rects)}
     (path / RECTS_FILE).write_text(json.dumps(rect_map))
+    frames = len(rects)
     info = {
         "package_type": "mp4_video_package",
         "package_version": PACKAGE_VERSION,
@@ -149,10 +202,18 @@ def _write(
             for kind, file in VIDEO_FILES.items()
         },
         "model": {"arch": "unet328", "audio_mode": "ave", "channels": list(WIDTHS[width])},
-        "synthetic": {"seed": seed, "size": list(size), "width": width},
+        **extra,
     }
     (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    _save_weights(path, width, seed, features, calibration)
+
+
+def save_checkpoints(path: Path, unet: UNet328, encoder: AudioEncoder) -> None:
+    """The package's two checkpoints. SyncTalk publishes the encoder without the
+    ``audio_encoder.`` prefix; loaders add it back."""
+    torch.save(unet.state_dict(), path / CHECKPOINTS[0])
+    prefix = "audio_encoder."
+    state = {k.removeprefix(prefix): v for k, v in encoder.state_dict().items()}
+    torch.save(state, path / ENCODER_CHECKPOINT)
 
 
 def _square(kind: str) -> tuple[int, int]:
@@ -267,11 +328,7 @@ def _save_weights(
     audio = torch.from_numpy(audio_windows(features, ids))
     _calibrate(unet, image, audio)
     _calibrate(encoder, torch.from_numpy(_speechlike_mel(rng)).unsqueeze(1))
-    torch.save(unet.state_dict(), path / CHECKPOINTS[0])
-    # SyncTalk publishes the encoder without the "audio_encoder." prefix; loaders add it.
-    prefix = "audio_encoder."
-    state = {k.removeprefix(prefix): v for k, v in encoder.state_dict().items()}
-    torch.save(state, path / ENCODER_CHECKPOINT)
+    save_checkpoints(path, unet, encoder)
 
 
 def _calibrate(module: nn.Module, *inputs: torch.Tensor) -> None:
