@@ -14,7 +14,6 @@ CPU and shows a progress bar.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -23,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -33,19 +31,11 @@ from workers.demo.dataset import IdleLoop, render_idle, speech_clips
 from workers.demo.progress import Progress
 from workers.demo.train import TrainConfig, train
 from workers.framecache import decode_video
-from workers.make_package import mask_mouth
+from workers.make_package import PackageVideos, save_checkpoints, write_metadata
 from workers.mel import FPS, mel_windows, melspectrogram
 from workers.package import (
     AUDIO_FEATURES,
-    CHECKPOINTS,
-    CROP_SIZE,
-    ENCODER_CHECKPOINT,
-    INFO_FILE,
-    PACKAGE_VERSION,
-    RECTS_FILE,
-    ROI_SIZE,
     VIDEO_FILES,
-    VIDEO_INFO_KEYS,
     check_model_name,
 )
 from workers.unet import WIDTHS, UNet328
@@ -68,34 +58,12 @@ DEMO_FRAMES = 100
 WEIGHTS_FILE = Path(__file__).resolve().parent / "demo_weights.pth"
 """The committed weights (fp16 UNet + encoder state dicts and how they were made)."""
 
-_ENCODER_PREFIX = "audio_encoder."
-
 
 def write_videos(path: Path, loop: IdleLoop) -> None:
-    """The four videos of the package, mp4v like every other package of ours."""
-    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-    sizes = {
-        "full_body": FRAME_SIZE,
-        "crops_328": (CROP_SIZE, CROP_SIZE),
-        "rois_320": (ROI_SIZE, ROI_SIZE),
-        "model_inputs": (ROI_SIZE, ROI_SIZE),
-    }
-    writers = {}
-    try:
-        for kind, file in VIDEO_FILES.items():
-            writer = cv2.VideoWriter(str(path / file), fourcc, FPS, sizes[kind])
-            if not writer.isOpened():
-                raise RuntimeError(f"{file}: opencv cannot write mp4v video here")
-            writers[kind] = writer
+    """The four videos of the package, written like every other package of ours."""
+    with PackageVideos(path, FRAME_SIZE) as videos:
         for full, crop in zip(loop.full, loop.crops, strict=True):
-            roi = np.ascontiguousarray(crop[4:324, 4:324])
-            writers["full_body"].write(full)
-            writers["crops_328"].write(crop)
-            writers["rois_320"].write(roi)
-            writers["model_inputs"].write(mask_mouth(roi))
-    finally:
-        for writer in writers.values():
-            writer.release()
+            videos.write(full, crop)
 
 
 def idle_features(encoder: AudioEncoder, n_frames: int, seed: int = 0) -> np.ndarray:
@@ -147,33 +115,6 @@ def load_weights(path: Path = WEIGHTS_FILE) -> tuple[UNet328, AudioEncoder, dict
     return unet.eval(), encoder.eval(), meta
 
 
-def _write_weights(path: Path, unet: UNet328, encoder: AudioEncoder) -> None:
-    torch.save(unet.state_dict(), path / CHECKPOINTS[0])
-    # SyncTalk publishes the encoder without the "audio_encoder." prefix; loaders add it.
-    state = {k.removeprefix(_ENCODER_PREFIX): v for k, v in encoder.state_dict().items()}
-    torch.save(state, path / ENCODER_CHECKPOINT)
-
-
-def _write_metadata(path: Path, name: str, loop: IdleLoop, extra: dict[str, Any]) -> None:
-    (path / RECTS_FILE).write_text(
-        json.dumps({str(i): {"rect": [int(v) for v in r]} for i, r in enumerate(loop.rects)})
-    )
-    n = len(loop)
-    info = {
-        "package_type": "mp4_video_package",
-        "package_version": PACKAGE_VERSION,
-        "dataset_name": name,
-        "original_shape": [CROP_SIZE, CROP_SIZE],
-        "videos": {
-            VIDEO_INFO_KEYS[kind]: {"video_file": file, "frame_count": n, "fps": FPS}
-            for kind, file in VIDEO_FILES.items()
-        },
-        "model": {"arch": "unet328", "audio_mode": "ave", "channels": list(WIDTHS["quarter"])},
-        "demo": {"frame_size": list(FRAME_SIZE), "rect_side": RECT_SIDE, **extra},
-    }
-    (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
 def _stderr(msg: str) -> None:
     print(f"demo: {msg}", file=sys.stderr, flush=True)
 
@@ -213,11 +154,9 @@ def build_demo_package(
         write_videos(tmp, loop)
         cfg = config or TrainConfig(seed=seed)
         meta: dict[str, Any]
-        use_committed = (
-            not retrain and config is None and WEIGHTS_FILE.is_file() and _committed_seed() == seed
-        )
-        if use_committed:
-            unet, encoder, meta = load_weights(WEIGHTS_FILE)
+        committed = None if retrain or config is not None else _committed(seed, say)
+        if committed is not None:
+            unet, encoder, meta = committed
             say(f"using the committed weights ({WEIGHTS_FILE.name})")
         else:
             say("training the demo avatar on this CPU (a few minutes, once)")
@@ -237,8 +176,10 @@ def build_demo_package(
                 save_weights(Path(save_to), unet, encoder, meta)
                 say(f"weights saved to {save_to}")
         np.save(tmp / AUDIO_FEATURES, idle_features(encoder, len(loop), seed))
-        _write_weights(tmp, unet, encoder)
-        _write_metadata(tmp, name, loop, {"seed": seed, "weights": meta.get("command", "")})
+        save_checkpoints(tmp, unet, encoder)
+        demo = {"seed": seed, "weights": meta.get("command", "")}
+        extra = {"demo": {"frame_size": list(FRAME_SIZE), "rect_side": RECT_SIDE, **demo}}
+        write_metadata(tmp, name, loop.rects, "quarter", extra)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -249,9 +190,15 @@ def build_demo_package(
     return final
 
 
-def _committed_seed() -> int | None:
-    try:
-        blob = torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        return int(blob["meta"]["seed"])
-    except Exception:  # unreadable or old file: train instead
+def _committed(
+    seed: int, say: Callable[[str], None]
+) -> tuple[UNet328, AudioEncoder, dict[str, Any]] | None:
+    """The committed weights when they exist and were made with ``seed`` (read once)."""
+    if not WEIGHTS_FILE.is_file():
         return None
+    try:
+        unet, encoder, meta = load_weights(WEIGHTS_FILE)
+    except Exception as exc:  # unreadable or old file: train instead, and say why
+        say(f"cannot use {WEIGHTS_FILE.name} ({type(exc).__name__}: {exc}); training instead")
+        return None
+    return (unet, encoder, meta) if meta.get("seed") == seed else None
