@@ -48,6 +48,7 @@ def _worker(args: argparse.Namespace) -> int:
             fp16=args.fp16,
             null_delay_ms=args.null_delay_ms,
             threads=args.threads,
+            skip_cache_mb=args.skip_cache_mb,
             worker_id=args.worker_id,
             curve_server_key=args.curve_server_key,
             log_level=args.log_level,
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", default=None, help="half precision on CUDA")
     p.add_argument("--null-delay-ms", type=float, help="service time of the null backend")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default torch's)")
+    p.add_argument(
+        "--skip-cache-mb",
+        type=float,
+        help="per model: memory for each frame's image features, kept so a frame's image "
+        "half runs once (default 512; 0 turns it off)",
+    )
     p.add_argument("--worker-id", help="name shown in stats (default host:pid)")
     p.add_argument("--curve-server-key", help="broker's public CURVE key (z85)")
     common(p)

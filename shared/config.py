@@ -50,6 +50,7 @@ class WorkerConfig:
     liveness: int = 3
     jpeg_quality: int = 85
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    skip_cache_mb: float = 512.0  # per model, image-half features per frame (workers.skipcache)
     worker_id: str = ""  # empty = host:pid
     curve_server_key: str = ""  # broker's public CURVE key (z85) when it uses CURVE
     log_level: str = "INFO"

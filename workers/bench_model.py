@@ -48,6 +48,7 @@ class Result:
     frames_per_s: float  # from the median
     best_ms_per_frame: float  # fastest call: the machine's capacity when nobody else is busy
     speedup_vs_b1: float = 1.0  # median frames/s ÷ median frames/s at batch 1, same width
+    cached_ms_per_frame: float | None = None  # decode only (image half cached), median
 
 
 @dataclass(slots=True)
@@ -86,6 +87,30 @@ def _time(
             return times
 
 
+def _time_alternating(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    seconds: float,
+    min_iters: int,
+) -> list[list[float]]:
+    """``_time`` for several functions called in turn, one list of seconds each: a
+    neighbour that slows the machine for a while slows all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    turn = [0]
+
+    def one() -> None:
+        k = turn[0] % len(fns)
+        turn[0] += 1
+        t0 = time.perf_counter()
+        fns[k]()
+        _sync(device)
+        times[k].append(time.perf_counter() - t0)
+
+    _time(one, device, warmup * len(fns), seconds, min_iters * len(fns))
+    return [t[warmup:] for t in times]
+
+
 def bench_unet(
     width: str,
     batches: Sequence[int],
@@ -96,7 +121,11 @@ def bench_unet(
     seconds: float,
     warmup: int,
     min_iters: int,
+    cached: bool = False,
 ) -> list[Result]:
+    """Per batch size, the whole forward; with ``cached``, also ``decode`` alone (what a
+    worker runs once ``workers.skipcache`` holds the frames' image half), timed in
+    alternation with the whole forward so that both see the same machine."""
     model = prepare_module(UNet328(WIDTHS[width]), device, half=half, channels_last=channels_last)
     dtype = torch.float16 if half else torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -106,10 +135,22 @@ def bench_unet(
             image = torch.rand(b, 6, IMAGE_SIZE, IMAGE_SIZE, device=device, dtype=dtype)
             image = image.contiguous(memory_format=fmt)
             audio = torch.rand(b, 32, 16, 16, device=device, dtype=dtype)
-            times = _time(lambda: model(image, audio), device, warmup, seconds, min_iters)  # noqa: B023
-            ms = 1000.0 * statistics.median(times)
-            best = 1000.0 * min(times) / b
-            results.append(Result(width, b, len(times), ms, ms / b, 1000.0 * b / ms, best))
+
+            def forward() -> object:
+                return model(image, audio)  # noqa: B023
+
+            def decode() -> object:
+                return model.decode(skips, audio)  # noqa: B023
+
+            skips = model.encode_image(image)
+            fns = [forward, decode] if cached else [forward]
+            full, *rest = _time_alternating(fns, device, warmup, seconds, min_iters)
+            ms = 1000.0 * statistics.median(full)
+            best = 1000.0 * min(full) / b
+            r = Result(width, b, len(full), ms, ms / b, 1000.0 * b / ms, best)
+            if rest:
+                r.cached_ms_per_frame = 1000.0 * statistics.median(rest[0]) / b
+            results.append(r)
     base = next((r.frames_per_s for r in results if r.batch == 1), None)
     for r in results:
         r.speedup_vs_b1 = r.frames_per_s / base if base else float("nan")
@@ -187,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--encoder-batches", default="1,16", help="audio encoder batch sizes")
+    parser.add_argument(
+        "--image-cache",
+        action="store_true",
+        help="also time decode alone (the image half cached, workers.skipcache), alternated",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     arglist = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arglist)
@@ -216,20 +262,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{head}, load average {load_before:.2f}", flush=True)
     print(
         f"{'width':<8} {'params':>10} {'batch':>5} {'iters':>5} {'ms/batch':>9} "
-        f"{'ms/frame':>9} {'frames/s':>9} {'x b1':>5} {'best ms/fr':>10}",
+        f"{'ms/frame':>9} {'frames/s':>9} {'x b1':>5} {'best ms/fr':>10}"
+        + (f" {'cached ms/fr':>12} {'x':>5}" if args.image_cache else ""),
         flush=True,
     )
     results: list[Result] = []
     for width in widths:
         params = sum(p.numel() for p in UNet328(WIDTHS[width]).parameters())
         rows = bench_unet(
-            width, _ints(args.batches), device, half=half, channels_last=channels_last, **opts
+            width,
+            _ints(args.batches),
+            device,
+            half=half,
+            channels_last=channels_last,
+            cached=args.image_cache,
+            **opts,
         )
         for r in rows:
+            cached = ""
+            if r.cached_ms_per_frame is not None:
+                ratio = r.ms_per_frame / r.cached_ms_per_frame
+                cached = f" {r.cached_ms_per_frame:>12.1f} {ratio:>5.2f}"
             print(
                 f"{r.width:<8} {params:>10,} {r.batch:>5} {r.iters:>5} {r.ms_per_batch:>9.1f} "
                 f"{r.ms_per_frame:>9.1f} {r.frames_per_s:>9.2f} {r.speedup_vs_b1:>5.2f} "
-                f"{r.best_ms_per_frame:>10.1f}",
+                f"{r.best_ms_per_frame:>10.1f}{cached}",
                 flush=True,
             )
         results.extend(rows)

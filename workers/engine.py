@@ -17,6 +17,11 @@ all workers); the audio table is a read-only ``np.load(mmap_mode="r")``. A model
 only its weights privately. A broken package is refused with a message that names the
 file; the others still load.
 
+The network runs in two halves: ``encode_image`` (the image half, which never sees the
+audio) once per avatar frame, kept in the model's ``SkipCache``; ``decode`` (audio branch,
+fusion, decoder) for every request. Avatars are short loops that streams walk again and
+again, so in steady state only ``decode`` runs (``workers.skipcache`` says what it costs).
+
 Devices: ``auto`` picks CUDA when present. On CUDA, ``fp16=True`` runs the model in half
 precision, the model is channels_last, and the input batch is staged in pinned host memory
 so the upload is a plain DMA. On CPU everything is fp32.
@@ -30,7 +35,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -51,8 +56,9 @@ from workers.package import (
     list_packages,
     load_package,
 )
+from workers.skipcache import SkipCache
 from workers.stream_audio import stream_windows
-from workers.unet import prepare_module, resolve_device, width_name
+from workers.unet import UNet328, prepare_module, resolve_device, width_name
 
 
 __all__ = ["TorchBackend"]
@@ -60,6 +66,9 @@ __all__ = ["TorchBackend"]
 log = logging.getLogger(__name__)
 
 _AUDIO_SHAPE = (32, 16, 16)
+DEFAULT_SKIP_CACHE_MB = WorkerConfig.skip_cache_mb
+"""Per model: every frame of a 100-frame quarter-width avatar in float32 (4.9 MB each), or
+about 50 frames of a full-width one in fp16. See ``workers.skipcache``."""
 _MODES = ("crop", "composite")
 
 
@@ -72,6 +81,7 @@ class _Model:
     featurizer: AudioFeaturizer | None
     caches: dict[str, CachedFrames]
     info: ModelInfo
+    skips: SkipCache
 
     def frames(self, kind: str) -> np.ndarray:
         return self.caches[kind].frames
@@ -114,6 +124,7 @@ class TorchBackend:
         max_batch: int = 4,
         jpeg_quality: int = 85,
         threads: int = 0,
+        skip_cache_mb: float = DEFAULT_SKIP_CACHE_MB,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
@@ -126,6 +137,9 @@ class TorchBackend:
         self.fp16 = fp16 and self.cuda
         self.max_batch = max_batch
         self.jpeg_quality = _check_quality(jpeg_quality)
+        if not skip_cache_mb >= 0:
+            raise ValueError(f"skip_cache_mb must be >= 0, not {skip_cache_mb}")
+        self.skip_cache_bytes = int(skip_cache_mb * 2**20)
         if threads > 0:
             torch.set_num_threads(threads)
         if self.cuda:
@@ -151,6 +165,7 @@ class TorchBackend:
             max_batch=config.max_batch,
             jpeg_quality=config.jpeg_quality,
             threads=config.threads,
+            skip_cache_mb=config.skip_cache_mb,
         )
         names = [n.strip() for n in config.models.split(",") if n.strip()] or None
         backend.load_all(names)
@@ -205,7 +220,7 @@ class TorchBackend:
         decoded = sum(c.decoded for c in loaded.caches.values())
         log.info(
             "loaded %s on %s in %.1f s: %d frames %dx%d at %g fps, %s width, audio encoder %s, "
-            "videos %s",
+            "videos %s, image-half cache %s",
             model,
             self.device,
             time.monotonic() - start,
@@ -215,6 +230,7 @@ class TorchBackend:
             info.width,
             "yes" if info.audio else "no",
             f"decoded {decoded}/4" if decoded else "mapped from cache",
+            f"up to {self.skip_cache_bytes / 2**20:g} MiB" if self.skip_cache_bytes else "off",
         )
         for warning in loaded.package.warnings:
             log.warning("%s: %s", model, warning)
@@ -224,8 +240,16 @@ class TorchBackend:
         loaded = self._models.pop(model, None)
         if loaded is None:
             raise ServiceError(ErrorCode.UNKNOWN_MODEL, f"model {model!r} is not loaded")
+        stats = loaded.skips.stats()
         self._release(loaded)
-        log.info("unloaded %s", model)
+        log.info(
+            "unloaded %s (image-half cache: %d frames, %.0f MiB, %d hits, %d misses)",
+            model,
+            stats["entries"],
+            stats["bytes"] / 2**20,
+            stats["hits"],
+            stats["misses"],
+        )
 
     def forward(self, model: str, items: Sequence[InferItem]) -> ForwardBatch:
         """Check each item, build the batch, run the model. Bad items get an error in
@@ -337,6 +361,10 @@ class TorchBackend:
         cache another process (or an earlier load) had built (False)."""
         return {kind: c.decoded for kind, c in self._get(model).caches.items()}
 
+    def skip_cache_stats(self, model: str) -> dict[str, int]:
+        """Entries, bytes, budget, hits and misses of a loaded model's image-half cache."""
+        return self._get(model).skips.stats()
+
     def close(self) -> None:
         for name in list(self._models):
             self.unload(name)
@@ -397,12 +425,13 @@ class TorchBackend:
             width=width_name(package.channels) or "custom",
             audio=featurizer is not None,
         )
-        return _Model(package, net, featurizer, caches, info)
+        return _Model(package, net, featurizer, caches, info, SkipCache(self.skip_cache_bytes))
 
     def _release(self, m: _Model) -> None:
         for cache in m.caches.values():
             cache.close()
         m.caches = {}
+        m.skips.clear()
         m.net = nn.Identity()
         m.featurizer = None
         gc.collect()
@@ -489,9 +518,13 @@ class TorchBackend:
         try:
             with torch.inference_mode():
                 # NHWC staging permuted to NCHW is channels_last-strided: the model's layout.
-                x = self._images[:b].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+                x = self._images[:b].to(dev, non_blocking=True).permute(0, 3, 1, 2)
                 a = self._audio[:b].to(dev, non_blocking=True)
-                out = m.net(x, a).float()
+                net = cast(UNet328, m.net)
+                skips = m.skips.skips(
+                    net.encode_image, frame_ids, lambda rows: _rows(x, rows).float() / 255
+                )
+                out = net.decode(skips, a).float()
                 pred = (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
                 result = pred.contiguous().cpu().numpy()  # waits for the device
         except BaseException:
@@ -520,6 +553,13 @@ class TorchBackend:
             state.item_timings[k]["composite"] = _ms(time.perf_counter() - t0)
             out.append((image, bounds))
         return out
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]``, as a view when the rows are the whole batch (the usual miss)."""
+    if rows == list(range(x.shape[0])):
+        return x
+    return x[rows]
 
 
 def _paste(

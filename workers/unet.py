@@ -233,14 +233,27 @@ class UNet328(nn.Module):
         return width_name(self.channels)
 
     def forward(self, image: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        dtype = self.outc.conv.weight.dtype
-        x1 = self.inc(image.to(dtype))
+        return self.decode(self.encode_image(image), audio)
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The image half: ``(x1, ..., x6)``, the five skips and the bottleneck.
+
+        Split out because it does not depend on the audio: for a package's frame ``i`` it is
+        always the same, so a worker can keep it per frame (``workers.skipcache``) and run
+        only ``decode`` for every later request of that frame.
+        """
+        x1 = self.inc(image.to(self.outc.conv.weight.dtype))
         x2 = self.down1(x1)
         x3 = self.down2(x2)
         x4 = self.down3(x3)
         x5 = self.down4(x4)
         x6 = self.down5(x5)
-        a = self.audio_model(audio.to(dtype))
+        return x1, x2, x3, x4, x5, x6
+
+    def decode(self, skips: Sequence[torch.Tensor], audio: torch.Tensor) -> torch.Tensor:
+        """The audio branch, the fusion and the decoder, from ``encode_image``'s output."""
+        x1, x2, x3, x4, x5, x6 = skips
+        a = self.audio_model(audio.to(x6.dtype))
         x = self.fuse_conv(torch.cat([x6, a], dim=1))
         x = self.up1(x, x5)
         x = self.up2(x, x4)
