@@ -362,3 +362,43 @@ def test_worker_processes_share_the_frame_cache(models, tmp_path):
     assert second["decoded"] == dict.fromkeys(VIDEOS, False)
     assert len(first["caches"]) == 4
     assert second["caches"] == first["caches"]
+
+
+THREAD_SETTINGS = """
+import json, os, sys
+from shared.config import WorkerConfig
+from workers.main import make_backend
+backend = make_backend(WorkerConfig(models_dir=sys.argv[1], device="cpu"))
+info = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
+try:  # what OpenBLAS itself runs with, where threadpoolctl is installed
+    from threadpoolctl import threadpool_info
+    pools = threadpool_info()
+    info["openblas"] = [p["num_threads"] for p in pools if p["internal_api"] == "openblas"]
+except ImportError:
+    info["openblas"] = None
+print(json.dumps(info))
+"""
+
+
+@pytest.mark.parametrize("preset", [{}, {"OPENBLAS_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}])
+def test_torch_worker_keeps_helper_threads_from_spinning(models, preset):
+    """The torch worker sets OpenMP's wait policy and OpenBLAS's thread count before torch
+    and numpy load (spinning helper threads halved stream throughput on 2 cores,
+    BENCHMARKS.md); an operator's own setting wins."""
+    ours = ("OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    out = subprocess.run(
+        [sys.executable, "-c", THREAD_SETTINGS, str(models)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**env, **preset},
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    want = preset or {"OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert info["OPENBLAS_NUM_THREADS"] == want["OPENBLAS_NUM_THREADS"]
+    assert info["OMP_WAIT_POLICY"] == want["OMP_WAIT_POLICY"]
+    if info["openblas"]:
+        assert set(info["openblas"]) == {int(want["OPENBLAS_NUM_THREADS"])}

@@ -35,6 +35,11 @@ def make_backend(config: WorkerConfig) -> Backend:
         # Live streams on 2 cores, 1 worker: 17.5 / 14.3 against 15.7 / 12.0 frames/s in two
         # alternated pairs (BENCHMARKS.md, "Demo avatar"). An explicit setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Likewise before numpy loads OpenBLAS: the mel filterbank product is small, and
+        # OpenBLAS's helper threads spin after each call (a 2-core host: 3.3 ms of CPU per
+        # stream frame's mel instead of 0.6) on the cores torch's threads are waiting for.
+        # Live streams, 1 worker on 2 cores: 23.6 / 21.4 against 13.8 / 16.7 frames/s.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from workers.engine import TorchBackend
 
         backend: Backend = TorchBackend.from_config(config)
