@@ -57,13 +57,27 @@ from shared.modelstats import ModelStatsBook
 from workers.backend import Backend, ForwardBatch, InferItem, InferResult, ModelInfo
 
 
-__all__ = ["Job", "WorkerRuntime"]
+__all__ = ["Job", "WorkerRuntime", "reconnect_backoff"]
 
 logger = logging.getLogger("worker")
 
 DRAIN_TIMEOUT_S = 5.0
 """How long a worker told to stop keeps serving what it holds (supervisord waits 20 s)."""
-MAX_BACKOFF_S = 32.0
+
+
+def reconnect_backoff(previous_s: float, heartbeat_s: float, liveness: int) -> float:
+    """The wait before the next reconnect: doubles from one heartbeat, up to one liveness
+    period (at least 1 s).
+
+    Why so short a cap: a restarted broker knows no worker until each one registers again,
+    and answers ``unknown_model`` for their models until then; every second a worker sleeps
+    in back-off is a second of that. A reconnect costs one TCP handshake. (With a 16 s cap
+    a worker re-registered 14.7 s after a broker came back from a 30 s outage; RELIABILITY.md
+    finding 2.)
+    """
+    return min(previous_s * 2, max(heartbeat_s * liveness, 1.0))
+
+
 ENCODE_DEPTH = 2
 """Batches handed to the encode thread and not yet encoded: enough to overlap, no more."""
 LOG_EVERY_S = 5.0
@@ -280,7 +294,7 @@ class WorkerRuntime:
                 self._new_session()
                 self.counters.add("reconnects")
                 reconnect_at = now + backoff
-                backoff = min(backoff * 2, MAX_BACKOFF_S, max(self.heartbeat_s * 16, 1.0))
+                backoff = reconnect_backoff(backoff, self.heartbeat_s, self.config.liveness)
             if sock is not None and now >= next_beat:
                 next_beat = now + self.heartbeat_s
                 stats: dict[str, Any] = dict(self.counters.snapshot())
