@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -76,7 +77,6 @@ GATEWAY_FORGET_S = 60.0
 DRAIN_BATCH = 512
 """Messages read from one socket before looking at the other (fairness, and timers)."""
 MALFORMED_LOG_EVERY_S = 5.0
-_HEARTBEAT = encode(Heartbeat())
 
 
 class Broker:
@@ -111,6 +111,10 @@ class Broker:
         self._told_to_leave: dict[bytes, float] = {}  # zombies sent DISCONNECT, rate limit
         self._next_housekeeping = 0.0
         self._started = time.monotonic()
+        # Drawn at each start and sent in every heartbeat: a gateway that sees it change
+        # knows its requests in flight went down with the previous broker.
+        self.instance = secrets.token_hex(8)
+        self._heartbeat = encode(Heartbeat(instance=self.instance))
         self._malformed_logged_at = -MALFORMED_LOG_EVERY_S
         self._malformed_suppressed = 0
         self.totals: dict[str, Any] = {
@@ -148,7 +152,8 @@ class Broker:
     def serve(self) -> None:
         """Run the loop until ``stop()``; then answer what is pending and tell workers."""
         logger.info(
-            "broker listening: gateways on %s, workers on %s (heartbeat %.2fs x %d)",
+            "broker %s listening: gateways on %s, workers on %s (heartbeat %.2fs x %d)",
+            self.instance,
             self.frontend_endpoint,
             self.backend_endpoint,
             self.heartbeat_s,
@@ -398,7 +403,7 @@ class Broker:
         elif isinstance(header, Heartbeat):
             record.reported_in_flight = header.in_flight
             record.counters = header.stats
-            self._send_worker(record, _HEARTBEAT)  # echoed, as for gateways
+            self._send_worker(record, self._heartbeat)  # echoed, as for gateways
         elif isinstance(header, Reply | Error):
             self.process_answer(record, message)
         else:
@@ -725,14 +730,14 @@ class Broker:
         """Every peer hears from us at least once an interval (rule 3)."""
         for record in self.registry:
             if now - record.last_sent >= self.heartbeat_s:
-                self._send_worker(record, _HEARTBEAT)
+                self._send_worker(record, self._heartbeat)
         for gateway in list(self.gateways.values()):
             if now - gateway.last_sent >= self.heartbeat_s:
                 self._heartbeat_gateway(gateway, now)
 
     def _heartbeat_gateway(self, gateway: GatewayRecord, now: float) -> None:
         try:
-            self.frontend.send_multipart([gateway.identity, *_HEARTBEAT], zmq.NOBLOCK)
+            self.frontend.send_multipart([gateway.identity, *self._heartbeat], zmq.NOBLOCK)
             gateway.last_sent = now
         except zmq.ZMQError:
             self.gateways.pop(gateway.identity, None)

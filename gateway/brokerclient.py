@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.envelope import (
     Cancel,
@@ -99,6 +100,9 @@ class BrokerClient:
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._ids = itertools.count(1)
         self._last_seen = 0.0  # monotonic time of the last message from the broker
+        self._instance = ""  # the broker's id, from its heartbeats ("" until one says it)
+        self._last_id = 0  # highest request id sent so far
+        self._sent_before_beat = 0  # highest id sent before the broker's last heartbeat
         self._alive = False
         self._seen = asyncio.Event()
         self._closed = False
@@ -110,6 +114,7 @@ class BrokerClient:
             "timeouts": 0,
             "cancelled": 0,
             "broker_lost": 0,
+            "broker_restarts": 0,
             "unmatched": 0,  # answers for ids no longer waiting: late or duplicate
             "malformed": 0,
         }
@@ -131,9 +136,11 @@ class BrokerClient:
         sock.setsockopt(zmq.RCVHWM, self.max_in_flight + 1000)
         sock.connect(self.endpoint)
         self._socket = sock
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="brokerclient-recv"),
             asyncio.create_task(self._heartbeat_loop(), name="brokerclient-heartbeat"),
+            asyncio.create_task(self._monitor_loop(monitor), name="brokerclient-monitor"),
         ]
         wait = self.heartbeat_s * self.liveness if wait_s is None else wait_s
         deadline = time.monotonic() + wait
@@ -163,6 +170,7 @@ class BrokerClient:
                 pass
         self._tasks = []
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
         if self._own_context:
@@ -221,6 +229,7 @@ class BrokerClient:
         if not self._send_now(encode(header, payload), copy=False):
             raise ServiceError(ErrorCode.BROKER_UNAVAILABLE, "broker not connected")
         self._pending[rid] = future
+        self._last_id = rid
         self.counters["sent"] += 1
         try:
             async with asyncio.timeout(max(0, ttl_ms) / 1000 + self.grace_s):
@@ -295,7 +304,7 @@ class BrokerClient:
             self.counters["errors"] += 1
             future.set_exception(ServiceError(header.code, header.message))
         elif isinstance(header, Heartbeat):
-            pass  # liveness already noted
+            self._note_instance(header.instance)  # liveness already noted
         else:
             self._malformed(f"unexpected {header.KIND.name.lower()} from broker")
 
@@ -322,6 +331,54 @@ class BrokerClient:
                 )
                 self.counters["broker_lost"] += len(self._pending)
                 self._fail_all(ErrorCode.BROKER_UNAVAILABLE, "broker unavailable")
+
+    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        """The TCP connection to the broker dropped: every request in flight was sent over
+        it and is lost (the broker answers a connection, and ours is gone; a reconnect is
+        a new one). Fail them now, not at their deadlines; new requests go out as soon as
+        ZeroMQ has reconnected."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] != zmq.EVENT_DISCONNECTED or not self._pending:
+                    continue
+                logger.warning(
+                    "connection to broker at %s lost: failing %d requests in flight",
+                    self.endpoint,
+                    len(self._pending),
+                )
+                self.counters["broker_lost"] += len(self._pending)
+                self._fail_all(ErrorCode.BROKER_UNAVAILABLE, "connection to broker lost")
+        finally:
+            monitor.close(linger=0)
+
+    def _note_instance(self, instance: str) -> None:
+        """A heartbeat from a different broker instance: the previous one went down and
+        took with it every request sent before its last heartbeat; fail those now rather
+        than at their deadlines. Requests sent since may have reached the new one, so they
+        keep waiting (a quick restart is otherwise invisible: the gateway never sees the
+        broker silent for the liveness period)."""
+        if not instance:
+            return
+        if self._instance and instance != self._instance:
+            lost = [rid for rid in self._pending if rid <= self._sent_before_beat]
+            logger.warning(
+                "broker at %s restarted (instance %s, was %s): failing %d requests it held",
+                self.endpoint,
+                instance,
+                self._instance,
+                len(lost),
+            )
+            self.counters["broker_restarts"] += 1
+            self.counters["broker_lost"] += len(lost)
+            for rid in lost:
+                future = self._pending.pop(rid)
+                if not future.done():
+                    future.set_exception(
+                        ServiceError(ErrorCode.BROKER_UNAVAILABLE, "broker restarted")
+                    )
+        self._instance = instance
+        self._sent_before_beat = self._last_id
 
     def _fail_all(self, code: ErrorCode, message: str) -> None:
         pending, self._pending = self._pending, {}

@@ -186,11 +186,15 @@ class Ready(_Header):
 @dataclass(slots=True)
 class Heartbeat(_Header):
     """Liveness. Workers add how much they hold so the broker can detect drift, and their
-    own counters (``stats``: computed, expired, ...) which the broker shows in ``stats``."""
+    own counters (``stats``: computed, expired, ...) which the broker shows in ``stats``.
+    The broker adds ``instance``, an id drawn at its start: a broker restarted faster than
+    the liveness period is otherwise invisible to a gateway, which would wait out the
+    deadlines of requests the old one took with it."""
 
     KIND: ClassVar[Kind] = Kind.HEARTBEAT
     in_flight: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    instance: str = ""  # the broker's, new at each start: a peer sees a restart at once
 
 
 @dataclass(slots=True)
@@ -229,6 +233,7 @@ _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     ("Ready", "models"): dict,
     ("Heartbeat", "in_flight"): int,
     ("Heartbeat", "stats"): dict,
+    ("Heartbeat", "instance"): str,
     ("Disconnect", "reason"): str,
 }
 

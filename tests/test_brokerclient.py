@@ -24,6 +24,7 @@ class FakeBroker:
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.alive = True
+        self.instance = "first"  # sent in heartbeats; change it to play a restarted broker
         self.requests: list[Request] = []
         self.cancels: list[int] = []
         self.task = asyncio.create_task(self._serve())
@@ -35,7 +36,8 @@ class FakeBroker:
             if not self.alive:
                 continue
             if isinstance(header, Heartbeat):
-                await self.sock.send_multipart([identity, *encode(Heartbeat())])
+                beat = Heartbeat(instance=self.instance)
+                await self.sock.send_multipart([identity, *encode(beat)])
             elif isinstance(header, Cancel):
                 self.cancels.append(header.id)
             elif isinstance(header, Request):
@@ -165,3 +167,56 @@ async def test_start_without_broker_then_fail_fast():
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_a_restarted_broker_fails_at_once_what_the_old_one_held(broker, client):
+    """A heartbeat from a new broker instance fails the requests sent before the old one's
+    last heartbeat (they went down with it) at once, not at their deadline; requests sent
+    since keep waiting, and an answer to them still arrives."""
+    held = asyncio.create_task(client.request("hold", ttl_ms=30_000))
+    await asyncio.sleep(0.35)  # a few heartbeats from the "first" broker after it was sent
+    assert not held.done()
+    broker.instance = "second"
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ServiceError) as err:
+        await held
+    assert err.value.code == ErrorCode.BROKER_UNAVAILABLE and "restarted" in err.value.message
+    assert loop.time() - t0 < 5  # its deadline was 30 s away
+    assert client.counters["broker_restarts"] == 1 and client.counters["broker_lost"] == 1
+    answer = await client.request("echo", model="m")  # the new instance serves
+    assert answer.payload == [b"JPEG"]
+    assert client.broker_alive and client.counters["broker_restarts"] == 1
+
+
+async def test_requests_sent_after_the_last_old_heartbeat_keep_waiting(broker, client):
+    """Sent after the old broker's last heartbeat, a request may have reached the new one:
+    a restart seen then does not fail it blindly (it waits for its answer or deadline)."""
+    await asyncio.sleep(0.25)  # the client knows "first"
+    broker.alive = False  # from here no beat of "first" arrives after the send
+    waiting = asyncio.create_task(client.request("hold", ttl_ms=1_000))
+    await asyncio.sleep(0.05)
+    broker.instance, broker.alive = "second", True
+    await asyncio.sleep(0.3)  # heartbeats of "second" have arrived
+    assert client.counters["broker_restarts"] == 1 and client.counters["broker_lost"] == 0
+    assert not waiting.done()
+    with pytest.raises(ServiceError) as err:
+        await waiting
+    assert err.value.code == ErrorCode.DEADLINE_EXCEEDED
+
+
+async def test_a_dropped_connection_fails_what_was_sent_over_it(broker, client):
+    """The broker process dies (its socket closes): requests in flight went down with the
+    connection, and fail at once with ``broker_unavailable``, not at their deadlines."""
+    held = asyncio.create_task(client.request("hold", ttl_ms=30_000))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await broker.close()
+    with pytest.raises(ServiceError) as err:
+        await held
+    assert err.value.code == ErrorCode.BROKER_UNAVAILABLE
+    assert "connection to broker lost" in err.value.message
+    assert loop.time() - t0 < 0.3 * 3  # before even the liveness period would tell
+    assert client.counters["broker_lost"] == 1

@@ -98,12 +98,17 @@ def test_ready():
 
 
 def test_heartbeat():
-    assert_envelope(Heartbeat(), [], [b"\x06", b"\x82\xa9in_flight\x00\xa5stats\x80"])
     assert_envelope(
-        Heartbeat(in_flight=3, stats={"computed": 5}),
-        [],
-        [b"\x06", b"\x82\xa9in_flight\x03\xa5stats\x81\xa8computed\x05"],
+        Heartbeat(), [], [b"\x06", b"\x83\xa9in_flight\x00\xa5stats\x80\xa8instance\xa0"]
     )
+    assert_envelope(
+        Heartbeat(in_flight=3, stats={"computed": 5}, instance="b1"),
+        [],
+        [b"\x06", b"\x83\xa9in_flight\x03\xa5stats\x81\xa8computed\x05\xa8instance\xa2b1"],
+    )
+    # a peer from before ``instance`` existed still decodes
+    old = decode([b"\x06", b"\x82\xa9in_flight\x00\xa5stats\x80"]).header
+    assert old == Heartbeat() and old.instance == ""
 
 
 def test_disconnect():

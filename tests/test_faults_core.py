@@ -120,10 +120,16 @@ async def test_broker_killed_and_restarted_mid_stream(system, gap):
     held = Counter(
         o.kind for o in ledger.outcomes if o.sent_at < killed_at < o.answered_at and o.kind != "ok"
     )
-    in_flight_error = "broker_unavailable" if gap == "noticed" else "deadline_exceeded"
-    assert set(held) == {in_flight_error}, held
+    if gap == "noticed":
+        assert set(held) == {"broker_unavailable"}, held
+    else:
+        # the new broker's first heartbeat fails what the old one held (sent before its
+        # last heartbeat); what was sent after that may have been lost in the gap too, and
+        # ends at its deadline
+        assert held["broker_unavailable"] > 0, held
+        assert set(held) <= {"broker_unavailable", "deadline_exceeded"}, held
     errors = ledger.errors()
-    assert set(errors) <= BROKER_GAP | {in_flight_error}, errors
+    assert set(errors) <= BROKER_GAP | {"deadline_exceeded"}, errors
     # once the gateway reports the new broker healthy, nothing fails any more
     late = Counter(o.kind for o in ledger.outcomes if o.sent_at > healthy_at)
     assert late == {"ok": late.total()} and late.total() >= 250
