@@ -8,6 +8,8 @@ blow up the number of series.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,9 +18,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 
-__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+__all__ = ["CONTENT_TYPE", "BrokerClientCollector", "GatewayMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -96,3 +99,24 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BrokerClientCollector:
+    """The broker client's own counters (``BrokerClient.counters``: sent, answered, errors,
+    timeouts, cancelled, broker_lost, broker_restarts, unmatched, malformed) as one counter
+    family, read at scrape time; the label values are the dict's fixed keys."""
+
+    def __init__(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "lipsync_gateway_broker_client_events",
+            "Requests to the broker and what became of them, as the gateway's broker client "
+            "counts them (broker_lost: failed because the broker died, restarted or dropped "
+            "the connection).",
+            labels=["event"],
+        )
+        for event, n in self._counters().items():
+            family.add_metric([event], n)
+        yield family

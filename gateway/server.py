@@ -26,7 +26,11 @@ from websockets.http11 import Request, Response
 from gateway.brokerclient import BrokerClient
 from gateway.connection import Connection, peer_name
 from gateway.health import HealthCache
-from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
+from gateway.metrics import (
+    CONTENT_TYPE as METRICS_CONTENT_TYPE,
+    BrokerClientCollector,
+    GatewayMetrics,
+)
 from gateway.modelmetrics import ModelCollector
 from gateway.security import Guard
 from gateway.static import StaticFiles, default_web_dir
@@ -63,6 +67,7 @@ class Gateway:
         self.metrics.broker_up.set_function(lambda: float(self.broker.broker_alive))
         self.health = HealthCache(self.broker)
         self.metrics.registry.register(ModelCollector(self._last_stats))
+        self.metrics.registry.register(BrokerClientCollector(lambda: self.broker.counters))
         self.streams = StreamHub(registry=self.metrics.registry)
         self.static = StaticFiles(config.web_dir or default_web_dir())
         self.guard = Guard(

@@ -182,6 +182,8 @@ def test_metrics_parse(gateway):
     ):
         assert expected in names
     assert samples[("lipsync_gateway_broker_up", ())] == 0
+    lost = ("lipsync_gateway_broker_client_events_total", (("event", "broker_lost"),))
+    assert samples[lost] == 0
     health_503 = ("lipsync_gateway_http_requests_total", (("route", "health"), ("status", "503")))
     assert samples[health_503] >= 1
 
