@@ -12,8 +12,11 @@ What it costs: memory. One frame's tensors hold ``8·320²·c0/8 + ...`` values:
 at quarter width in float32 (x1, the 320×320 skip, is two thirds of it), 19.7 MB at full
 width (9.8 MB in fp16 on CUDA). So the cache is an LRU bounded in bytes
 (``--skip-cache-mb``, per model); a frame that does not fit is computed and not kept.
-Entries live on the model's device in its dtype, so a hit is bit-for-bit the tensors a
-fresh ``encode_image`` of that frame alone returns.
+Entries live on the model's device in its dtype: a hit is the tensors ``encode_image``
+returned for that frame when it was first seen, in whatever batch that was (a batched
+convolution may round differently from a single one, so decoded outputs can differ from
+the one-pass forward by float rounding: ``tests/test_skipcache.py`` holds them to 1e-5, and
+rendered pixels to one grey level).
 
 Not thread-safe: call it from the thread that runs the model (the engine's forward).
 """
