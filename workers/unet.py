@@ -252,9 +252,14 @@ class UNet328(nn.Module):
 
     def decode(self, skips: Sequence[torch.Tensor], audio: torch.Tensor) -> torch.Tensor:
         """The audio branch, the fusion and the decoder, from ``encode_image``'s output."""
+        return self.decode_features(skips, self.audio_model(audio.to(skips[5].dtype)))
+
+    def decode_features(self, skips: Sequence[torch.Tensor], audio: torch.Tensor) -> torch.Tensor:
+        """Fusion and decoder from the skips and the audio branch's output ``[B, ch4, h, w]``
+        (``h, w`` those of the bottleneck), for callers that shape that map themselves
+        (the demo trainer crops it to match image crops)."""
         x1, x2, x3, x4, x5, x6 = skips
-        a = self.audio_model(audio.to(x6.dtype))
-        x = self.fuse_conv(torch.cat([x6, a], dim=1))
+        x = self.fuse_conv(torch.cat([x6, audio], dim=1))
         x = self.up1(x, x5)
         x = self.up2(x, x4)
         x = self.up3(x, x3)

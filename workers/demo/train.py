@@ -179,22 +179,11 @@ def _forward_crops(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """UNet forward on crops; ``cells[b]`` is the (row, col) of crop b's first 32-px cell.
     Also returns the audio branch's whole 10×10 map (for the auxiliary loss)."""
-    x1 = unet.inc(image)
-    x2 = unet.down1(x1)
-    x3 = unet.down2(x2)
-    x4 = unet.down3(x3)
-    x5 = unet.down4(x4)
-    x6 = unet.down5(x5)
-    h, w = x6.shape[2], x6.shape[3]
+    skips = unet.encode_image(image)
+    h, w = skips[5].shape[2], skips[5].shape[3]
     a_full = unet.audio_model(audio)
     a = torch.stack([a_full[b, :, r : r + h, q : q + w] for b, (r, q) in enumerate(cells)])
-    x = unet.fuse_conv(torch.cat([x6, a], dim=1))
-    x = unet.up1(x, x5)
-    x = unet.up2(x, x4)
-    x = unet.up3(x, x3)
-    x = unet.up4(x, x2)
-    x = unet.up5(x, x1)
-    return torch.sigmoid(unet.outc(x)), a_full
+    return unet.decode_features(skips, a), a_full
 
 
 def _pass_through(block: nn.Module, src: list[int], dst: list[int]) -> None:
