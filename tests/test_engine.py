@@ -123,6 +123,21 @@ def reference(models, backend) -> Reference:
     return Reference(models / "tiny")
 
 
+def run_script(code: str, *args: object, env: dict[str, str]) -> dict:
+    """Run ``code`` in a fresh Python process (its own torch and numpy) from the repo root;
+    return the JSON object its last line of output holds."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *(str(a) for a in args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def copy_package(models: Path, dest: Path, name: str = "tiny") -> Path:
     """A private copy (frame caches excluded, so that the copy builds its own)."""
     target = dest / name
@@ -343,21 +358,10 @@ def test_worker_processes_share_the_frame_cache(models, tmp_path):
     """Two worker processes load one package: the first decodes, the second maps the
     first one's files (same inodes, untouched)."""
 
-    def load_in_process() -> dict:
-        out = subprocess.run(
-            [sys.executable, "-c", LOADER, str(tmp_path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=170,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     copy_package(models, tmp_path)
-    first = load_in_process()
-    second = load_in_process()
+    first = run_script(LOADER, tmp_path, env=env)
+    second = run_script(LOADER, tmp_path, env=env)
     assert first["decoded"] == dict.fromkeys(VIDEOS, True)
     assert second["decoded"] == dict.fromkeys(VIDEOS, False)
     assert len(first["caches"]) == 4
@@ -387,16 +391,7 @@ def test_torch_worker_keeps_helper_threads_from_spinning(models, preset):
     BENCHMARKS.md); an operator's own setting wins."""
     ours = ("OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
     env = {k: v for k, v in os.environ.items() if k not in ours}
-    out = subprocess.run(
-        [sys.executable, "-c", THREAD_SETTINGS, str(models)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-        env={**env, **preset},
-    )
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = run_script(THREAD_SETTINGS, models, env={**env, **preset})
     want = preset or {"OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     assert info["OPENBLAS_NUM_THREADS"] == want["OPENBLAS_NUM_THREADS"]
     assert info["OMP_WAIT_POLICY"] == want["OMP_WAIT_POLICY"]
