@@ -189,20 +189,29 @@ async def test_a_restarted_broker_fails_at_once_what_the_old_one_held(broker, cl
     assert client.broker_alive and client.counters["broker_restarts"] == 1
 
 
-async def test_requests_sent_after_the_last_old_heartbeat_keep_waiting(broker, client):
+async def test_requests_sent_after_the_last_old_heartbeat_keep_waiting(broker):
     """Sent after the old broker's last heartbeat, a request may have reached the new one:
     a restart seen then does not fail it blindly (it waits for its answer or deadline)."""
-    await asyncio.sleep(0.25)  # the client knows "first"
-    broker.alive = False  # from here no beat of "first" arrives after the send
-    waiting = asyncio.create_task(client.request("hold", ttl_ms=1_000))
-    await asyncio.sleep(0.05)
-    broker.instance, broker.alive = "second", True
-    await asyncio.sleep(0.3)  # heartbeats of "second" have arrived
-    assert client.counters["broker_restarts"] == 1 and client.counters["broker_lost"] == 0
-    assert not waiting.done()
-    with pytest.raises(ServiceError) as err:
-        await waiting
-    assert err.value.code == ErrorCode.DEADLINE_EXCEEDED
+    # A long liveness period: the old broker's silence below must not trip it.
+    client = BrokerClient(broker.endpoint, heartbeat_s=0.1, liveness=30, grace_s=0.1)
+    await client.start(wait_s=20)
+    try:
+        await asyncio.sleep(0.25)  # the client knows "first"
+        broker.alive = False
+        # A beat of "first" sent just before may still be on its way; received after the
+        # send it would (rightly) count the request as held by "first". Let it land.
+        await asyncio.sleep(0.5)
+        waiting = asyncio.create_task(client.request("hold", ttl_ms=1_500))
+        await asyncio.sleep(0.05)
+        broker.instance, broker.alive = "second", True
+        await asyncio.wait_for(_until(lambda: client.counters["broker_restarts"] == 1), 20)
+        assert client.counters["broker_lost"] == 0
+        assert not waiting.done()
+        with pytest.raises(ServiceError) as err:
+            await waiting
+        assert err.value.code == ErrorCode.DEADLINE_EXCEEDED
+    finally:
+        await client.close()
 
 
 async def test_a_dropped_connection_fails_what_was_sent_over_it(broker, client):
