@@ -37,3 +37,19 @@ def test_short_soak_balances_its_books(tmp_path):
     assert report["gateway_in_flight_at_end"] == 0
     assert set(report["resources_end"]) == {"broker", "gateway", "w0", "w1", "w2"}
     assert "sent" in result.stdout and "duplicates 0" in result.stdout
+
+
+def test_soak_refuses_unknown_fault_kinds():
+    """``LIPSYNC_SOAK_FAULTS`` limits the faults drawn; a misspelt kind stops it before it
+    starts anything, naming the kinds it knows."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lipsync", "bench", "--soak", "0.3"],
+        cwd=ROOT,
+        env={**os.environ, "LIPSYNC_SOAK_FAULTS": "restart_broker,kill_wroker"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "unknown fault kinds ['kill_wroker']" in result.stderr
+    assert "restart_broker" in result.stderr and "sent" not in result.stdout

@@ -24,6 +24,8 @@ duplicates, lost, and the RSS and open fds of each process at start and end. Exi
 ``--clients`` (default here 6), ``--in-flight`` (4), ``--rate`` (requests/s per client;
 default here 40, so the machine stays usable) and ``--json`` are the bench's own flags;
 ``--out`` keeps the processes' logs (default: a temporary directory).
+``LIPSYNC_SOAK_SEED`` repeats a run's choices; ``LIPSYNC_SOAK_FAULTS`` (a comma list of the
+kinds above) limits the faults drawn, e.g. to compare two builds on broker restarts alone.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,8 +253,10 @@ async def _wait_whole(system: SoakSystem, since: float) -> float | None:
     return None
 
 
-async def _inject(system: SoakSystem, slots: _Slots, rng: random.Random) -> tuple[str, str]:
-    kind = rng.choice(FAULTS)
+async def _inject(
+    system: SoakSystem, slots: _Slots, rng: random.Random, kinds: Sequence[str]
+) -> tuple[str, str]:
+    kind = rng.choice(kinds)
     if kind == "kill_worker":
         target = f"w{rng.randrange(WORKERS)}"
         system.kill(target)
@@ -280,7 +285,7 @@ async def _inject(system: SoakSystem, slots: _Slots, rng: random.Random) -> tupl
 
 
 async def soak(minutes: float, *, clients: int, window: int, rate: float, run_dir: Path,
-               seed: int) -> dict[str, Any]:  # fmt: skip
+               seed: int, kinds: Sequence[str] = FAULTS) -> dict[str, Any]:  # fmt: skip
     """Run the soak; its report (also printed)."""
     rng = random.Random(seed)
     system = SoakSystem(run_dir)
@@ -301,7 +306,7 @@ async def soak(minutes: float, *, clients: int, window: int, rate: float, run_di
             if time.monotonic() >= end - 5:
                 break
             at = time.monotonic()
-            kind, target = await _inject(system, slots, rng)
+            kind, target = await _inject(system, slots, rng, kinds)
             recovered = await _wait_whole(system, at)
             window_end = time.monotonic() + 1.0
             await asyncio.sleep(1.0)
@@ -333,6 +338,7 @@ async def soak(minutes: float, *, clients: int, window: int, rate: float, run_di
         "window": window,
         "rate_per_client": rate,
         "seed": seed,
+        "fault_kinds": list(kinds),
         **summary,
         "errors": errors,
         "requests_per_s": round(ledger.sent / duration, 1) if duration else 0,
@@ -380,13 +386,19 @@ def run_soak(args: argparse.Namespace) -> int:
     window = max(1, getattr(args, "in_flight", 4))
     rate = getattr(args, "rate", 0.0) or 40.0
     seed = int(os.environ.get("LIPSYNC_SOAK_SEED", "0")) or random.randrange(1 << 30)
+    kinds = [k for k in os.environ.get("LIPSYNC_SOAK_FAULTS", "").split(",") if k] or FAULTS
+    unknown = sorted(set(kinds) - set(FAULTS))
+    if unknown:
+        print(f"soak: unknown fault kinds {unknown}; known: {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
     out = getattr(args, "out", None)
     with tempfile.TemporaryDirectory(prefix="lipsync-soak-") as tmp:
         run_dir = Path(out) if out else Path(tmp)
         run_dir.mkdir(parents=True, exist_ok=True)
-        report = asyncio.run(
-            soak(args.soak, clients=clients, window=window, rate=rate, run_dir=run_dir, seed=seed)
-        )
+        report = asyncio.run(soak(
+            args.soak, clients=clients, window=window, rate=rate, run_dir=run_dir, seed=seed,
+            kinds=kinds,
+        ))  # fmt: skip
         _print(report)
         if getattr(args, "json", None):
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
