@@ -20,6 +20,12 @@ What it promises (DESIGN.md section 3):
   credit stays taken until the worker answers, so a hung worker stops getting work;
 - rule 6, bounded memory: one queue per model, ``queue_limit`` long, ``overloaded`` beyond.
 
+A broker that has just started knows no worker yet: for its first ``warmup_s`` (two liveness
+periods by default: a worker notices a restart within one, and its reconnect back-off lasts
+at most one more) a request for a model nobody holds waits in that model's queue (a
+metadata request in a list as bounded) instead of failing ``unknown_model``; a restart is
+then a pause for the streams going through it, not an error.
+
 Nothing a peer sends can crash it: bad messages are counted, logged at a limited rate and
 answered ``bad_request`` when they carry a usable request id.
 """
@@ -77,6 +83,8 @@ GATEWAY_FORGET_S = 60.0
 DRAIN_BATCH = 512
 """Messages read from one socket before looking at the other (fairness, and timers)."""
 MALFORMED_LOG_EVERY_S = 5.0
+CLOSING_S = 0.3
+"""How long a stopping broker keeps its connections open after its last answers."""
 
 
 class Broker:
@@ -98,6 +106,7 @@ class Broker:
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
+        self._closing = False  # stopped serving: new requests are refused shutting_down
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
         self.registry = Registry()
@@ -111,6 +120,13 @@ class Broker:
         self._told_to_leave: dict[bytes, float] = {}  # zombies sent DISCONNECT, rate limit
         self._next_housekeeping = 0.0
         self._started = time.monotonic()
+        self.warmup_s = config.warmup_s if config.warmup_s >= 0 else 2 * self.dead_after_s
+        self._warm_until = self._started + self.warmup_s
+        self.warming = self.warmup_s > 0
+        # metadata requests for models nobody holds yet, while warming: (gateway, id,
+        # model, deadline); answered when a holder registers, at their deadline, or at the
+        # end of the warm-up
+        self._parked: list[tuple[bytes, int, str, float]] = []
         # Drawn at each start and sent in every heartbeat: a gateway that sees it change
         # knows its requests in flight went down with the previous broker.
         self.instance = secrets.token_hex(8)
@@ -127,6 +143,7 @@ class Broker:
             "cancelled": 0,
             "stale": 0,
             "undeliverable": 0,
+            "waited_for_workers": 0,
         }
 
     def _router(self, endpoint: str, *, curve_secret_file: str = "") -> zmq.Socket[Any]:
@@ -152,12 +169,14 @@ class Broker:
     def serve(self) -> None:
         """Run the loop until ``stop()``; then answer what is pending and tell workers."""
         logger.info(
-            "broker %s listening: gateways on %s, workers on %s (heartbeat %.2fs x %d)",
+            "broker %s listening: gateways on %s, workers on %s (heartbeat %.2fs x %d); "
+            "requests for models no worker holds yet wait up to %.1f s for workers to register",
             self.instance,
             self.frontend_endpoint,
             self.backend_endpoint,
             self.heartbeat_s,
             self.config.liveness,
+            self.warmup_s,
         )
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
@@ -188,13 +207,28 @@ class Broker:
         pending = [p for p in self.requests.values() if not p.orphan]
         for p in pending:
             self._answer_error(p, ErrorCode.SHUTTING_DOWN, "broker shutting down")
+        parked, self._parked = self._parked, []
+        for identity, gid, _model, _deadline in parked:
+            self._error_to_gateway(identity, gid, ErrorCode.SHUTTING_DOWN, "broker shutting down")
         for record in self.registry:
             self._send_worker(record, encode(Disconnect(reason="broker shutting down")))
         logger.info(
             "broker stopping: answered %d pending requests, told %d workers",
-            len(pending),
+            len(pending) + len(parked),
             len(self.registry),
         )
+        self._closing = True
+        self._keep_answering(CLOSING_S)
+
+    def _keep_answering(self, seconds: float) -> None:
+        """Keep the connections open a moment after the last answers, refusing new requests
+        ``shutting_down``: a gateway reads those answers before its connection drops (a
+        ZeroMQ socket with ``ZMQ_IMMEDIATE``, as BrokerClient's, discards what it has not
+        read when the connection goes, and the caller would only hear "connection lost")."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.frontend.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                self._drain(self.frontend, self.process_client)
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
@@ -202,6 +236,8 @@ class Broker:
         timer = self._timers.next_time()
         if timer is not None:
             wake = min(wake, timer)
+        if self.warming:
+            wake = min(wake, self._warm_until)
         # Capped so that stop() (from a signal handler) is noticed promptly.
         return max(0, min(100, int((wake - now) * 1000) + 1))
 
@@ -259,6 +295,9 @@ class Broker:
     ) -> None:
         self.totals["requests"] += 1
         gid = header.id
+        if self._closing:
+            self._error_to_gateway(identity, gid, ErrorCode.SHUTTING_DOWN, "broker shutting down")
+            return
         if self._debug:
             logger.debug(
                 "< request %s/%d %s %s#%d",
@@ -282,7 +321,8 @@ class Broker:
             self._reply_to_gateway(identity, gid, self.stats())
             return
         if op == Op.METADATA:
-            self._metadata(identity, gid, header.model)
+            ttl_s = min(max(header.ttl_ms, 0), MAX_TTL_MS) / 1000
+            self._metadata(identity, gid, header.model, now + ttl_s)
             return
         if sum(_frame_len(f) for f in payload) > MAX_REQUEST_PAYLOAD:
             self._error_to_gateway(identity, gid, ErrorCode.BAD_REQUEST, "payload too large")
@@ -299,7 +339,8 @@ class Broker:
         if not model:
             self._error_to_gateway(identity, gid, ErrorCode.BAD_REQUEST, "model is required")
             return
-        if not self.registry.holds(model):
+        held = self.registry.holds(model)
+        if not held and not self.warming:
             self._error_to_gateway(
                 identity, gid, ErrorCode.UNKNOWN_MODEL, f"no worker holds model {model!r}"
             )
@@ -312,7 +353,9 @@ class Broker:
             )
             return
         p = self._accept(identity, header, payload, now + ttl_ms / 1000)
-        if not queue:
+        if not held:  # warming up: wait for a worker that holds it to register
+            self.totals["waited_for_workers"] += 1
+        elif not queue:
             worker = self.registry.choose(model, _stream(p))
             if worker is not None:
                 if not self._send_request(worker, p, now):
@@ -325,6 +368,9 @@ class Broker:
         answers (that frees the credit), and that answer is then dropped here."""
         p = self._by_gateway.pop((identity, gid), None)
         if p is None:
+            if any(k[0] == identity and k[1] == gid for k in self._parked):
+                self.totals["cancelled"] += 1
+                self._parked = [k for k in self._parked if k[:2] != (identity, gid)]
             return
         self.totals["cancelled"] += 1
         p.orphan = True
@@ -334,8 +380,20 @@ class Broker:
         elif p.worker is not None:
             self._send_worker(p.worker, encode(Cancel(id=p.bid)))
 
-    def _metadata(self, identity: bytes, gid: int, model: str) -> None:
+    def _metadata(
+        self, identity: bytes, gid: int, model: str, deadline: float, *, park: bool = True
+    ) -> None:
         holders = self.registry.holders(model)
+        if (
+            not holders
+            and park
+            and self.warming
+            and model
+            and len(self._parked) < self.config.queue_limit
+        ):
+            self.totals["waited_for_workers"] += 1
+            self._parked.append((identity, gid, model, deadline))
+            return
         if not holders:
             self._error_to_gateway(
                 identity, gid, ErrorCode.UNKNOWN_MODEL, f"no worker holds model {model!r}"
@@ -513,7 +571,9 @@ class Broker:
 
     def _fail_unheld_queues(self, now: float) -> None:
         """Queued requests for a model nobody holds any more would only wait for their
-        deadline: answer them now."""
+        deadline: answer them now. While warming up they wait for workers to register."""
+        if self.warming:
+            return
         for model in [m for m in self.queues if not self.registry.holds(m)]:
             for p in self.queues.pop(model):
                 p.queued = False
@@ -640,11 +700,49 @@ class Broker:
             self._by_gateway.pop((p.gateway, p.gid), None)
 
     def _expire(self, p: Pending) -> None:
+        model = p.header.model
+        if not self.registry.holds(model):  # waited for workers (warm-up) in vain
+            self._answer_error(p, ErrorCode.UNKNOWN_MODEL, f"no worker holds model {model!r}")
+            return
         self.totals["expired"] += 1
         self._answer_error(p, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued")
 
+    def _end_warmup(self, now: float) -> None:
+        """The workers have had their time to register: from now on a model nobody holds
+        is unknown, and what waited for one is answered so."""
+        self.warming = False
+        waiting = sum(len(q) for m, q in self.queues.items() if not self.registry.holds(m))
+        waiting += sum(1 for k in self._parked if not self.registry.holds(k[2]))
+        logger.info(
+            "warm-up over after %.1f s: %d workers, models %s%s",
+            now - self._started,
+            len(self.registry),
+            ",".join(self.registry.models()) or "-",
+            f"; {waiting} requests for models nobody holds answered unknown_model"
+            if waiting
+            else "",
+        )
+        for model in [m for m in self.queues if not self.registry.holds(m)]:
+            for p in list(self.queues[model]):
+                self._answer_error(p, ErrorCode.UNKNOWN_MODEL, f"no worker holds model {model!r}")
+
+    def _answer_parked(self, now: float) -> None:
+        """Metadata requests that waited for workers: answer those whose model is now held,
+        whose deadline came, or all of them once the warm-up is over."""
+        parked, self._parked = self._parked, []
+        for identity, gid, model, deadline in parked:
+            if self.registry.holds(model) or not self.warming or deadline <= now:
+                self._metadata(identity, gid, model, deadline, park=False)
+            else:
+                self._parked.append((identity, gid, model, deadline))
+
     def process_timers(self, now: float) -> None:
-        """Deadlines: expire queued requests; answer requests a worker holds too long."""
+        """Deadlines: expire queued requests; answer requests a worker holds too long; end
+        the warm-up, and answer the metadata requests that waited in it."""
+        if self.warming and now >= self._warm_until:
+            self._end_warmup(now)
+        if self._parked:
+            self._answer_parked(now)
         for bid in self._timers.pop_due(now):
             p = self.requests.get(bid)
             if p is None or p.orphan:
@@ -776,6 +874,7 @@ class Broker:
         totals = dict(self.totals)
         totals["answered"] = dict(self.totals["answered"])
         totals.update(
+            warming_up=self.warming,
             uptime_s=round(now - self._started, 3),
             pending=len(self.requests),
             queued=sum(len(q) for q in self.queues.values()),

@@ -24,6 +24,7 @@ def _broker(args: argparse.Namespace) -> int:
             frontend=args.frontend,
             backend=args.backend,
             queue_limit=args.queue_limit,
+            warmup_s=args.warmup_s,
             curve_secret_file=args.curve_secret_file,
             log_level=args.log_level,
         )
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", help="bind address for gateways (default tcp://127.0.0.1:5555)")
     p.add_argument("--backend", help="bind address for workers (default tcp://127.0.0.1:5556)")
     p.add_argument("--queue-limit", type=int, help="pending requests per model (default 256)")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        help="after start, how long requests for a model no worker holds yet wait for "
+        "workers to register (default: two liveness periods, 6 s)",
+    )
     p.add_argument("--curve-secret-file", help="CURVE server secret key file for the backend")
     common(p)
     p.set_defaults(func=_broker)

@@ -28,6 +28,10 @@ class BrokerConfig:
     heartbeat_s: float = 1.0  # rule 3: every interval when idle
     liveness: int = 3  # a peer silent for this many intervals is dead
     queue_limit: int = 256  # per-model pending requests before answering "overloaded"
+    # After a (re)start, requests for a model no worker holds yet wait this long for workers
+    # to register before ``unknown_model``; < 0 = two liveness periods (a worker notices a
+    # restart within one, and its reconnect back-off is at most one more).
+    warmup_s: float = -1.0
     curve_secret_file: str = ""  # optional CURVE server key for a backend beyond loopback
     log_level: str = "INFO"
 

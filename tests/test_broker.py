@@ -99,6 +99,69 @@ async def test_answers_list_models_and_metadata_itself(cluster):
     assert sum(served(stats).values()) == 0  # none of this reached a worker
 
 
+async def test_a_young_broker_holds_requests_until_workers_register(cluster):
+    """Just (re)started, the broker knows no worker yet: for its warm-up, requests for a
+    model nobody holds wait for a holder to register (a restart is a pause, not an error)
+    instead of failing ``unknown_model``; one still unheld at its deadline is
+    ``unknown_model`` then, not ``deadline_exceeded``."""
+    cluster.start_broker("--warmup-s", "60")
+    client = await cluster.client()
+    infer = asyncio.create_task(client.request("infer", model="m", frame=1, ttl_ms=30_000))
+    meta = asyncio.create_task(client.request("metadata", model="m", ttl_ms=30_000))
+    video = asyncio.create_task(
+        client.request(
+            "video_frame", model="m", frame=2, ttl_ms=30_000, opts={"video_type": "rois_320"}
+        )
+    )
+    with pytest.raises(ServiceError) as err:
+        await client.request("infer", model="ghost", ttl_ms=300)
+    assert err.value.code is ErrorCode.UNKNOWN_MODEL
+    with pytest.raises(ServiceError) as err:
+        await client.request("metadata", model="ghost", ttl_ms=300)
+    assert err.value.code is ErrorCode.UNKNOWN_MODEL
+    # a metadata request given up by its caller is cancelled at the broker, not answered
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.request("metadata", model="m", ttl_ms=30_000), 0.2)
+    stats = await cluster.stats(client)
+    assert stats["broker"]["warming_up"] is True
+    assert stats["broker"]["waited_for_workers"] == 6
+    assert not (infer.done() or meta.done() or video.done())
+
+    cluster.start_worker("w1")
+    assert (await infer).header.worker == "w1"
+    assert (await meta).header.result["model_name"] == "m"
+    assert (await video).payload[0][:2] == b"\xff\xd8"
+    stats = await cluster.stats(client)
+    assert stats["broker"]["cancelled"] == 1
+    assert stats["broker"]["answered"].get("deadline_exceeded", 0) == 0
+    assert client.counters["unmatched"] == 0
+
+
+async def test_after_the_warm_up_an_unheld_model_is_unknown(cluster):
+    """At the end of the warm-up what still waits for a model nobody holds is answered
+    ``unknown_model`` (long before its deadline), and later requests are refused at once."""
+    cluster.start_broker("--warmup-s", "1.5")
+    client = await cluster.client()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    waiting = [
+        asyncio.create_task(client.request(op, model="ghost", ttl_ms=30_000))
+        for op in ("infer", "metadata")
+    ]
+    for task in waiting:
+        with pytest.raises(ServiceError) as err:
+            await task
+        assert err.value.code is ErrorCode.UNKNOWN_MODEL
+        assert err.value.message == "no worker holds model 'ghost'"
+    assert loop.time() - t0 < 20  # their deadlines were 30 s away
+    stats = await cluster.stats(client)
+    assert stats["broker"]["warming_up"] is False and stats["broker"]["pending"] == 0
+    with pytest.raises(ServiceError) as err:
+        await client.request("infer", model="ghost", ttl_ms=30_000)
+    assert err.value.code is ErrorCode.UNKNOWN_MODEL
+    assert (await cluster.stats(client))["broker"]["waited_for_workers"] == 2
+
+
 async def test_video_frame_and_worker_errors_pass_through(cluster):
     cluster.start_broker()
     cluster.start_worker("w1")
@@ -393,11 +456,27 @@ async def test_worker_sigterm_drains_and_leaves(cluster):
 
 
 async def test_broker_sigterm_exits_cleanly(cluster):
-    broker = cluster.start_broker()
+    """Stopping, the broker answers what it holds, including what waits for workers."""
+    broker = cluster.start_broker("--warmup-s", "60")
     client = await cluster.client()
     assert (await client.request("list_models")).header.result == {"models": []}
+    waiting = [
+        asyncio.create_task(client.request(op, model="m", ttl_ms=30_000))
+        for op in ("infer", "metadata")
+    ]
+    await eventually(
+        lambda: _broker_total(cluster, client, "waited_for_workers", 2), what="both waiting"
+    )
     broker.send_signal(signal.SIGTERM)
+    for task in waiting:
+        with pytest.raises(ServiceError) as err:
+            await task
+        assert err.value.code is ErrorCode.SHUTTING_DOWN
     assert await asyncio.to_thread(broker.wait, 30) == 0
+
+
+async def _broker_total(cluster, client, name, value):
+    return (await cluster.stats(client))["broker"][name] == value
 
 
 async def test_ipc_endpoints(processes, tmp_path):
@@ -421,7 +500,12 @@ async def test_in_process_broker_answers_raw_dealer():
     from shared.config import BrokerConfig
 
     broker = Broker(
-        BrokerConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", heartbeat_s=0.2)
+        BrokerConfig(
+            frontend="tcp://127.0.0.1:*",
+            backend="tcp://127.0.0.1:*",
+            heartbeat_s=0.2,
+            warmup_s=0,  # no waiting for workers: the answer below comes at once
+        )
     )
     thread = threading.Thread(target=broker.serve)
     thread.start()

@@ -227,5 +227,5 @@ async def test_a_dropped_connection_fails_what_was_sent_over_it(broker, client):
         await held
     assert err.value.code == ErrorCode.BROKER_UNAVAILABLE
     assert "connection to broker lost" in err.value.message
-    assert loop.time() - t0 < 0.3 * 3  # before even the liveness period would tell
+    assert loop.time() - t0 < 5  # its deadline was 30 s away; the message says which path
     assert client.counters["broker_lost"] == 1

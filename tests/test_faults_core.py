@@ -31,11 +31,11 @@ from lipsync.bench.ledger import CLOSED, Ledger, LedgerClient
 
 pytestmark = pytest.mark.fault
 
-BROKER_GAP = {"broker_unavailable", "unknown_model"}
-"""What requests sent while the broker is away or just back may end with: the gateway fails
-them at once while it has no connection to the broker (``broker_unavailable``); a restarted
-broker that has not heard from its workers yet knows no model (``unknown_model``, until the
-workers re-register: RELIABILITY.md, findings)."""
+BROKER_GAP = {"broker_unavailable"}
+"""What requests sent while the broker is away may end with: the gateway fails them at once
+while it has no connection to the broker. A restarted broker that has not heard from its
+workers yet holds requests for their models until they register (its warm-up), so
+``unknown_model`` is not among them."""
 
 
 @pytest.fixture
