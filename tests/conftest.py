@@ -84,6 +84,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
+@pytest.fixture
+async def fault_system(processes: Processes, tmp_path: Path):
+    """``fault_harness.FaultSystem``, closed after the test; its processes' logs are
+    printed when the test fails (the fault tests' first clue)."""
+    from fault_harness import FaultSystem  # it imports this module
+
+    system = FaultSystem(processes, tmp_path)
+    try:
+        yield system
+    except BaseException:
+        print(processes.logs())
+        raise
+    finally:
+        await system.close()
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout."""
     deadline = time.monotonic() + timeout

@@ -31,8 +31,10 @@ __all__ = [
     "MIB",
     "FaultSystem",
     "Probe",
+    "answered_at_least",
     "eventually",
     "gateway_outcomes",
+    "make_clients",
     "report",
     "run_clients",
 ]
@@ -237,3 +239,25 @@ def report(
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def make_clients(
+    system: FaultSystem, ledger: Ledger, n: int, window: int, *, reconnect: bool = False
+) -> list[LedgerClient]:
+    """``n`` clients on the system's model, each with its own range of frame ids (so every
+    answer names its request) and at most ``window`` requests in flight."""
+    return [
+        LedgerClient(
+            system.url,
+            system.model,
+            ledger,
+            first_frame=i * 10_000_000,
+            window=window,
+            reconnect=reconnect,
+        )
+        for i in range(n)
+    ]
+
+
+async def answered_at_least(ledger: Ledger, n: int, what: str = "") -> None:
+    await eventually(lambda: ledger.answered >= n, timeout=60, what=what or f"{n} answers")

@@ -28,15 +28,8 @@ pytestmark = pytest.mark.fault
 
 
 @pytest.fixture
-async def system(processes, tmp_path):
-    s = FaultSystem(processes, tmp_path)
-    try:
-        yield s
-    except BaseException:
-        print(processes.logs())
-        raise
-    finally:
-        await s.close()
+def system(fault_system):
+    return fault_system
 
 
 def gateway_metric(system: FaultSystem, name: str, **labels: str) -> float:

@@ -17,16 +17,17 @@ from collections import Counter
 
 import pytest
 from fault_harness import (
-    FaultSystem,
+    answered_at_least,
     eventually,
     gateway_outcomes,
+    make_clients,
     memory_line,
     report,
     run_clients,
 )
 from gateway_harness import metric
 
-from lipsync.bench.ledger import CLOSED, Ledger, LedgerClient
+from lipsync.bench.ledger import CLOSED, Ledger
 
 
 pytestmark = pytest.mark.fault
@@ -39,35 +40,8 @@ workers yet holds requests for their models until they register (its warm-up), s
 
 
 @pytest.fixture
-async def system(processes, tmp_path):
-    s = FaultSystem(processes, tmp_path)
-    try:
-        yield s
-    except BaseException:
-        print(processes.logs())
-        raise
-    finally:
-        await s.close()
-
-
-def make_clients(
-    system: FaultSystem, ledger: Ledger, n: int, window: int, *, reconnect: bool = False
-) -> list[LedgerClient]:
-    return [
-        LedgerClient(
-            system.url,
-            system.model,
-            ledger,
-            first_frame=i * 10_000_000,
-            window=window,
-            reconnect=reconnect,
-        )
-        for i in range(n)
-    ]
-
-
-async def answered_at_least(ledger: Ledger, n: int, what: str = "") -> None:
-    await eventually(lambda: ledger.answered >= n, timeout=60, what=what or f"{n} answers")
+def system(fault_system):
+    return fault_system
 
 
 @pytest.mark.parametrize("gap", ["noticed", "quick"])

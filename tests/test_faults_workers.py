@@ -19,8 +19,10 @@ import time
 import pytest
 from fault_harness import (
     FaultSystem,
+    answered_at_least,
     eventually,
     gateway_outcomes,
+    make_clients,
     memory_line,
     report,
     run_clients,
@@ -34,26 +36,8 @@ pytestmark = pytest.mark.fault
 
 
 @pytest.fixture
-async def system(processes, tmp_path):
-    s = FaultSystem(processes, tmp_path)
-    try:
-        yield s
-    except BaseException:
-        print(processes.logs())
-        raise
-    finally:
-        await s.close()
-
-
-def clients(system: FaultSystem, ledger: Ledger, n: int, window: int) -> list[LedgerClient]:
-    return [
-        LedgerClient(system.url, system.model, ledger, first_frame=i * 10_000_000, window=window)
-        for i in range(n)
-    ]
-
-
-async def answered_at_least(ledger: Ledger, n: int) -> None:
-    await eventually(lambda: ledger.answered >= n, timeout=60, what=f"{n} answers")
+def system(fault_system):
+    return fault_system
 
 
 async def assert_exactly_once(system: FaultSystem, ledger: Ledger) -> None:
@@ -78,7 +62,7 @@ async def test_worker_sigkill_mid_batch(system):
     ledger = Ledger()
     stop = asyncio.Event()
     # 4 x 10 outstanding > 3 x capacity 8: every worker always holds a full load
-    running = asyncio.create_task(run_clients(clients(system, ledger, 4, 10), stop))
+    running = asyncio.create_task(run_clients(make_clients(system, ledger, 4, 10), stop))
     await answered_at_least(ledger, 100)
     before = {n: p.sample() for n, p in system.probes().items()}
 
@@ -123,7 +107,7 @@ async def test_worker_sigstop_until_dead_then_sigcont(system):
     await system.wait_ready("stalled", "w2")
     ledger = Ledger()
     stop = asyncio.Event()
-    running = asyncio.create_task(run_clients(clients(system, ledger, 3, 8), stop))
+    running = asyncio.create_task(run_clients(make_clients(system, ledger, 3, 8), stop))
     await answered_at_least(ledger, 100)
     before = {n: p.sample() for n, p in system.probes().items()}
 
