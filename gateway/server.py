@@ -31,7 +31,7 @@ from gateway.metrics import (
     BrokerClientCollector,
     GatewayMetrics,
 )
-from gateway.modelmetrics import ModelCollector
+from gateway.modelmetrics import BrokerCollector, ModelCollector
 from gateway.security import Guard
 from gateway.static import StaticFiles, default_web_dir
 from gateway.streams import StreamHub
@@ -67,6 +67,7 @@ class Gateway:
         self.metrics.broker_up.set_function(lambda: float(self.broker.broker_alive))
         self.health = HealthCache(self.broker)
         self.metrics.registry.register(ModelCollector(self._last_stats))
+        self.metrics.registry.register(BrokerCollector(self._last_stats))
         self.metrics.registry.register(BrokerClientCollector(lambda: self.broker.counters))
         self.streams = StreamHub(registry=self.metrics.registry)
         self.static = StaticFiles(config.web_dir or default_web_dir())

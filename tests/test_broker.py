@@ -140,7 +140,7 @@ async def test_a_young_broker_holds_requests_until_workers_register(cluster):
 async def test_after_the_warm_up_an_unheld_model_is_unknown(cluster):
     """At the end of the warm-up what still waits for a model nobody holds is answered
     ``unknown_model`` (long before its deadline), and later requests are refused at once."""
-    cluster.start_broker("--warmup-s", "1.5")
+    cluster.start_broker("--warmup-s", "3")
     client = await cluster.client()
     loop = asyncio.get_running_loop()
     t0 = loop.time()

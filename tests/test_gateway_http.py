@@ -186,6 +186,51 @@ def test_metrics_parse(gateway):
     assert samples[lost] == 0
     health_503 = ("lipsync_gateway_http_requests_total", (("route", "health"), ("status", "503")))
     assert samples[health_503] >= 1
+    # no broker, no broker numbers (rather than zeros that would look like an idle one)
+    assert not [n for n in names if n.startswith(("lipsync_broker_", "lipsync_worker_"))]
+
+
+def test_broker_series_from_a_stats_answer():
+    """The broker collector turns a stats answer into series; a worker's own error code
+    becomes ``other`` (labels from a closed set), malformed numbers count as 0."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.modelmetrics import BrokerCollector
+
+    stats = {
+        "broker": {
+            "requests": 7,
+            "answered": {"ok": 4, "unknown_model": 1, "made_up_by_a_worker": 2},
+            "overloaded": 1,
+            "expired": "x",
+            "warming_up": True,
+            "pending": 2,
+        },
+        "workers": [{"id": "w1", "capacity": 8, "in_flight": 2, "served": 4, "errors": None}],
+    }
+    registry = CollectorRegistry()
+    registry.register(BrokerCollector(lambda: stats))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    answers = {
+        dict(labels)["outcome"]: v
+        for (name, labels), v in samples.items()
+        if name == "lipsync_broker_answers_total"
+    }
+    assert answers == {"ok": 4, "unknown_model": 1, "other": 2}
+    assert samples[("lipsync_broker_requests_total", ())] == 7
+    assert samples[("lipsync_broker_events_total", (("event", "overloaded"),))] == 1
+    assert samples[("lipsync_broker_events_total", (("event", "expired"),))] == 0
+    assert samples[("lipsync_broker_warming_up", ())] == 1
+    assert samples[("lipsync_broker_pending", ())] == 2
+    assert samples[("lipsync_worker_in_flight", (("worker", "w1"),))] == 2
+    assert samples[("lipsync_worker_errors_total", (("worker", "w1"),))] == 0
+    stats = {"broker": "garbage", "workers": ["nope"]}
+    assert "lipsync_broker" not in generate_latest(registry).decode()
 
 
 # -- handshake: Origin and token -------------------------------------------------------------

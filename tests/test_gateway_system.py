@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from conftest import Processes, wait_until
-from gateway_harness import System, http_get, metric
+from gateway_harness import System, http_get, metric, metrics
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -177,6 +177,42 @@ async def test_stats_and_protocol_ack(system):
     assert stats["type"] == "stats" and stats["broker"] is True
     assert stats["workers"] == 4 and stats["models"] == MODELS
     assert stats["connected_clients"] >= 1 and stats["json_requests"] >= 3
+
+
+async def test_metrics_show_the_broker_and_its_workers(system):
+    """/metrics carries the broker's totals and each worker's credits and counts (from the
+    broker's stats, so no second scrape target is needed), outcomes from a closed set."""
+    _, port = system
+    async with connect(url(port)) as ws:
+        assert await ask(ws, RequestA("demo", 5).serialize()) == JPEG
+        assert await ask(ws, RequestA("demo", 100).serialize()) == b""  # worker: out of range
+        assert await ask(ws, RequestA("ghost", 1).serialize()) == b""  # broker: unknown
+
+    def seen() -> dict | None:
+        m = metrics(port)
+        answers = {
+            dict(labels)["outcome"]: v
+            for (name, labels), v in m.items()
+            if name == "lipsync_broker_answers_total"
+        }
+        wanted = ("ok", "frame_out_of_range", "unknown_model")
+        return m if all(answers.get(k, 0) >= 1 for k in wanted) else None
+
+    m = await asyncio.to_thread(wait_until, seen, 10, 0.1, "the broker's answers on /metrics")
+    assert m[("lipsync_broker_requests_total", ())] >= 3
+    events = {
+        dict(labels)["event"]
+        for (name, labels), _ in m.items()
+        if name == "lipsync_broker_events_total"
+    }
+    assert {"overloaded", "expired", "redispatched", "waited_for_workers"} <= events
+    assert m[("lipsync_broker_warming_up", ())] == 0 and m[("lipsync_broker_gateways", ())] >= 1
+    capacity = {
+        dict(labels)["worker"]: v for (n, labels), v in m.items() if n == "lipsync_worker_capacity"
+    }
+    assert len(capacity) == 4 and all(v > 0 for v in capacity.values())
+    served = sum(v for (n, _), v in m.items() if n == "lipsync_worker_served_total")
+    assert served >= 1
 
 
 # -- binary ----------------------------------------------------------------------------------
