@@ -144,6 +144,7 @@ class Broker:
             "stale": 0,
             "undeliverable": 0,
             "waited_for_workers": 0,
+            "discarded": 0,
         }
 
     def _router(self, endpoint: str, *, curve_secret_file: str = "") -> zmq.Socket[Any]:
@@ -537,7 +538,8 @@ class Broker:
         else:
             record.errors += 1
         self._forget(p)
-        if p.orphan:
+        if p.orphan:  # cancelled, or answered here at its deadline: work nobody will see
+            self.totals["discarded"] += 1
             return
         self._by_gateway.pop((p.gateway, p.gid), None)
         header.id = p.gid

@@ -43,6 +43,7 @@ BROKER_EVENTS = (
     "undeliverable",
     "malformed",
     "waited_for_workers",
+    "discarded",
 )
 """Broker totals exported as ``lipsync_broker_events_total{event}`` (docs/broker.md)."""
 _OUTCOMES = frozenset({"ok", *(code.value for code in ErrorCode)})
@@ -151,7 +152,8 @@ def _broker_series(totals: dict[str, Any]) -> Iterator[Metric]:
         "(deadline passed in its queue or at a worker), redispatched (a dead worker's "
         "request sent to another), cancelled, stale (answers from a worker that no longer "
         "owned the request), undeliverable (gateway gone), malformed, waited_for_workers "
-        "(held during its warm-up for a model nobody held yet).",
+        "(held during its warm-up for a model nobody held yet), discarded (a worker's answer "
+        "to a request already cancelled or answered: computed, seen by nobody).",
         labels=["event"],
     )
     for event in BROKER_EVENTS:

@@ -389,6 +389,29 @@ async def test_cancel_removes_queued_request(cluster):
         lambda: _worker_counter(cluster, client, "served", 1), what="worker counters"
     )
     assert counters["received"] == 1
+    assert (await cluster.stats(client))["broker"]["discarded"] == 0  # nothing computed
+
+
+async def test_work_nobody_will_see_is_counted(cluster):
+    """A request cancelled while its worker computes it: the worker still answers, and the
+    broker drops that answer and counts it ``discarded`` (frames computed in vain)."""
+    cluster.start_broker()
+    cluster.start_worker("w1", delay_ms=400, max_batch=1, capacity=1, max_delay_ms=0)
+    client = await cluster.client()
+    await cluster.wait_workers(client, "w1")
+
+    task = asyncio.create_task(client.request("infer", model="m", frame=1, ttl_ms=10_000))
+    await eventually(lambda: _in_flight(cluster, client, 1), what="the request at the worker")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = await eventually(
+        lambda: _stats_if(cluster, client, lambda s: s["broker"]["discarded"] == 1),
+        what="the worker's answer to be discarded",
+    )
+    assert stats["broker"]["cancelled"] == 1
+    assert stats["workers"][0]["served"] == 1 and stats["workers"][0]["in_flight"] == 0
+    assert client.counters["unmatched"] == 0  # the gateway never heard of it
 
 
 @pytest.mark.fault
