@@ -61,9 +61,10 @@ def error_kind(text: str) -> str:
     return code if code in _CODES else "other"
 
 
-def write_null_package(models_dir: Path, name: str, frames: int = 1_000_000_000) -> Path:
+def write_null_package(models_dir: Path, name: str, frames: int = 2**31 - 1) -> Path:
     """A package directory the null backend serves as ``name`` with ``frames`` frames: only
-    ``package_info.json`` (the null backend reads nothing else). Returns the models dir."""
+    ``package_info.json`` (the null backend reads nothing else). Returns the models dir.
+    The default is every frame id a request can carry (an int32)."""
     pkg = models_dir / name
     pkg.mkdir(parents=True, exist_ok=True)
     info = {

@@ -63,7 +63,10 @@ FAULTS = ("kill_worker", "stall_worker", "restart_broker", "restart_gateway", "d
 FAULT_GAP_S = (6.0, 12.0)  # quiet time between the end of one fault and the next
 RECOVERY_TIMEOUT_S = 90.0
 DRAIN_S = 20.0  # after the load stops: deadline (2 s) + grace, with a wide margin
-CLIENT_SPACING = 100_000_000  # frame ids of one client: [base, base + spacing)
+CLIENT_SPACING = 1_000_000
+"""Frame ids of one client: [base, base + spacing), 7 hours at 40 requests/s. With the
+package's 2**31 - 1 frames that is room for 2,147 clients (each dropped client is
+replaced by a new one with the next base: with 100 million, the 11th went out of range)."""
 
 
 def _free_port() -> int:
@@ -201,6 +204,8 @@ class _Slots:
             self._add()
 
     def _add(self, index: int | None = None) -> None:
+        if self._next_base + CLIENT_SPACING > 2**31 - 1:
+            raise RuntimeError("soak: out of frame ids for new clients")
         client = LedgerClient(
             self.url, MODEL, self.ledger, first_frame=self._next_base, window=self.window,
             reconnect=True, connect_timeout=RECOVERY_TIMEOUT_S,
