@@ -538,8 +538,9 @@ class Broker:
         else:
             record.errors += 1
         self._forget(p)
-        if p.orphan:  # cancelled, or answered here at its deadline: work nobody will see
-            self.totals["discarded"] += 1
+        if p.orphan:  # cancelled, or answered here at its deadline: nobody waits for it
+            if not (isinstance(header, Error) and header.code == ErrorCode.CANCELLED.value):
+                self.totals["discarded"] += 1  # computed (or failed) for nobody
             return
         self._by_gateway.pop((p.gateway, p.gid), None)
         header.id = p.gid

@@ -393,25 +393,36 @@ async def test_cancel_removes_queued_request(cluster):
 
 
 async def test_work_nobody_will_see_is_counted(cluster):
-    """A request cancelled while its worker computes it: the worker still answers, and the
-    broker drops that answer and counts it ``discarded`` (frames computed in vain)."""
+    """Two requests cancelled at their worker, one being computed and one still waiting
+    there: the worker finishes the first and drops the second (answering ``cancelled``);
+    the broker drops both answers and counts only the first ``discarded`` (a frame
+    computed in vain)."""
     cluster.start_broker()
-    cluster.start_worker("w1", delay_ms=400, max_batch=1, capacity=1, max_delay_ms=0)
+    cluster.start_worker("w1", delay_ms=600, max_batch=1, capacity=2, max_delay_ms=0)
     client = await cluster.client()
     await cluster.wait_workers(client, "w1")
 
-    task = asyncio.create_task(client.request("infer", model="m", frame=1, ttl_ms=10_000))
-    await eventually(lambda: _in_flight(cluster, client, 1), what="the request at the worker")
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    tasks = [
+        asyncio.create_task(client.request("infer", model="m", frame=i, ttl_ms=10_000))
+        for i in (1, 2)
+    ]
+    await eventually(lambda: _in_flight(cluster, client, 2), what="both at the worker")
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with pytest.raises(asyncio.CancelledError):
+            await task
     stats = await eventually(
-        lambda: _stats_if(cluster, client, lambda s: s["broker"]["discarded"] == 1),
-        what="the worker's answer to be discarded",
+        lambda: _stats_if(cluster, client, lambda s: s["workers"][0]["in_flight"] == 0),
+        what="the worker's answers",
     )
-    assert stats["broker"]["cancelled"] == 1
-    assert stats["workers"][0]["served"] == 1 and stats["workers"][0]["in_flight"] == 0
-    assert client.counters["unmatched"] == 0  # the gateway never heard of it
+    assert stats["broker"]["cancelled"] == 2 and stats["broker"]["discarded"] == 1
+    assert stats["workers"][0]["served"] == 1 and stats["workers"][0]["errors"] == 1
+    counters = await eventually(
+        lambda: _worker_counter(cluster, client, "cancelled", 1), what="worker counters"
+    )
+    assert counters["computed"] == 1
+    assert client.counters["unmatched"] == 0  # the gateway never heard of either
 
 
 @pytest.mark.fault
