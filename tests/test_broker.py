@@ -321,6 +321,30 @@ async def test_expired_in_worker_queue_is_never_computed(cluster):
     assert counters["computed"] == 1
 
 
+async def test_a_job_that_would_be_ready_too_late_is_not_computed(cluster):
+    """Once the worker knows a batch takes ~300 ms, a request with 100 ms left is answered
+    deadline_exceeded before its batch instead of being computed for nobody; one with time
+    enough is still computed."""
+    cluster.start_broker()
+    cluster.start_worker("w1", delay_ms=300, max_batch=1, capacity=2, max_delay_ms=0)
+    client = await cluster.client()
+    await cluster.wait_workers(client, "w1")
+
+    await client.request("infer", model="m", frame=1, ttl_ms=10_000)  # measures a batch
+    with pytest.raises(ServiceError) as err:
+        await client.request("infer", model="m", frame=2, ttl_ms=100)
+    assert err.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert "would be ready after its deadline" in err.value.message
+    await client.request("infer", model="m", frame=3, ttl_ms=5_000)
+    stats = await eventually(
+        lambda: _stats_if(cluster, client, lambda s: _counters(s)["served"] == 2),
+        what="worker counters",
+    )
+    counters = _counters(stats)
+    assert counters["too_late"] == counters["expired"] == 1
+    assert counters["computed"] == 2 and counters["received"] == 3
+
+
 async def test_expired_in_broker_queue_is_never_sent(cluster):
     """Rule 5 at the broker: no credit free until after the deadline; the request is
     answered from the queue and never reaches a worker."""

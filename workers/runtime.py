@@ -9,7 +9,8 @@ Shaped like vllm's ``EngineCoreProc``: threads around a busy loop, joined by que
   goes silent (rule 3).
 - **compute thread** (``_compute_loop``): forms batches per model (up to ``max_batch``,
   waiting at most ``max_delay_ms`` for more), drops requests whose deadline has passed
-  before computing them (rule 5), runs ``backend.forward``, and hands the batch on.
+  before computing them (rule 5), or would pass before the batch is ready
+  (``workers.servicetime``), runs ``backend.forward``, and hands the batch on.
 - **encode thread** (``_encode_loop``): ``backend.encode`` (composite + JPEG), so that the
   JPEG work of batch k overlaps the forward pass of batch k+1; also serves ``video_frame``.
 
@@ -55,6 +56,7 @@ from shared.envelope import (
 from shared.errors import ErrorCode, ServiceError
 from shared.modelstats import ModelStatsBook
 from workers.backend import Backend, ForwardBatch, InferItem, InferResult, ModelInfo
+from workers.servicetime import ServiceTimes
 
 
 __all__ = ["Job", "WorkerRuntime", "reconnect_backoff"]
@@ -114,6 +116,7 @@ class _Counters:
         "served",
         "errors",
         "expired",
+        "too_late",  # of "expired": refused because its batch would be ready too late
         "cancelled",
         "dropped",
         "video_frames",
@@ -184,6 +187,7 @@ class WorkerRuntime:
         self.drain_timeout_s = drain_timeout_s
         self.counters = _Counters()
         self.model_stats = ModelStatsBook()  # per model, sent in heartbeats (get_stats)
+        self.service_times = ServiceTimes()  # batch start to answers ready, per model and size
         self._own_context = context is None
         self._context: zmq.Context[Any] = context if context is not None else zmq.Context()
         self._out_address = f"inproc://worker-out-{id(self):x}"
@@ -511,7 +515,10 @@ class WorkerRuntime:
                 self._expire(out, queues, now)
                 picked = _pick_batch(queues, self.config.max_batch, max_delay, now)
                 if picked is not None:
-                    self._run_batch(out, *picked)
+                    model, jobs = picked
+                    jobs = self._refuse_too_late(out, model, jobs, now)
+                    if jobs:
+                        self._run_batch(out, model, jobs)
         finally:
             out.close()
 
@@ -555,7 +562,30 @@ class WorkerRuntime:
             if not queues[model]:
                 del queues[model]
 
+    def _refuse_too_late(self, out: _Outbox, model: str, jobs: list[Job], now: float) -> list[Job]:
+        """Answer ``deadline_exceeded`` now, without computing it, a job whose deadline comes
+        before this batch could be ready (``workers.servicetime``): a stream's frame that
+        would arrive after its slot is work nobody sees, and the time goes to the others."""
+        took = self.service_times.estimate(model, len(jobs))
+        if took is None:
+            return jobs
+        ready_at = now + took
+        keep = [job for job in jobs if job.deadline >= ready_at]
+        if len(keep) < len(jobs):
+            for job in jobs:
+                if job.deadline < ready_at:
+                    self.counters.add("expired")
+                    self.counters.add("too_late")
+                    self._error(
+                        out,
+                        job,
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        f"would be ready after its deadline (a batch takes ~{took * 1000:.0f} ms)",
+                    )
+        return keep
+
     def _run_batch(self, out: _Outbox, model: str, jobs: list[Job]) -> None:
+        started = time.monotonic()
         items = [job.item for job in jobs if job.item is not None]
         try:
             batch = self.backend.forward(model, items)
@@ -566,7 +596,7 @@ class WorkerRuntime:
         self.counters.add("batches")
         self.model_stats.batch(model, len(items), time.monotonic())
         self._encode_slots.acquire()
-        self._encode_q.put(("batch", (batch, jobs)))
+        self._encode_q.put(("batch", (batch, jobs, model, started)))
 
     def _admin(self, out: _Outbox, job: Job) -> None:
         """load_package / unload_package, between batches on the compute thread (the
@@ -582,6 +612,7 @@ class WorkerRuntime:
             else:
                 self.backend.unload(name)
                 self.model_stats.drop(name)
+                self.service_times.forget(name)
                 result = {"model": name, "unloaded": True}
         except Exception as exc:
             self._fail_jobs(out, [job], exc)
@@ -617,13 +648,16 @@ class WorkerRuntime:
         finally:
             out.close()
 
-    def _encode_batch(self, out: _Outbox, batch: ForwardBatch, jobs: list[Job]) -> None:
+    def _encode_batch(
+        self, out: _Outbox, batch: ForwardBatch, jobs: list[Job], model: str, started: float
+    ) -> None:
         try:
             results: list[InferResult | BaseException] = self.backend.encode(batch)
         except Exception as exc:
             self._fail_jobs(out, jobs, exc)
             return
         now = time.monotonic()
+        self.service_times.record(model, len(jobs), now - started)
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
                 self._fail_jobs(out, [job], result)
