@@ -148,7 +148,10 @@ class StreamLimits:
     silence_dbfs: float = field(default=-45.0, metadata=_env("silence_dbfs"))
     # audio held ahead of the next frame to issue
     max_buffer_s: float = field(default=10.0, metadata=_env("max_buffer_s"))
-    ttl_ms: int = field(default=2000, metadata=_env("ttl_ms"))  # one frame's request
+    ttl_ms: int = field(default=2000, metadata=_env("ttl_ms"))  # one frame's request, at most
+    # once a stream's clock runs, a frame's request lives only until the frame could no
+    # longer be shown, so that a worker never computes it for nobody (workers.servicetime)
+    slot_deadlines: bool = field(default=True, metadata=_env("slot_deadlines"))
     start_ttl_ms: int = field(default=5000, metadata=_env("start_ttl_ms"))  # stream's metadata
     # consecutive failed frames (2 s at 25 fps) before giving up
     max_failures: int = field(default=50, metadata=_env("max_failures"))
@@ -214,6 +217,7 @@ class StreamMetrics:
         "idle_fetches",  # raw full frames fetched for composite idle frames (cache misses)
         "dropped",
         "skipped",  # dropped without asking (part of "dropped"): the workers are behind
+        "too_late",  # dropped before its time: a worker would have had it ready too late
         "delayed",  # a late frame pushed its stream's playout back one frame time
         "caught_up",  # frames a stream's playout moved forward after a second of early frames
         "audio_chunks",
@@ -519,6 +523,7 @@ class _Frame:
     data: bytes | None = None  # the tagged frame, once ready
     failed: ServiceError | None = None
     skipped: bool = False  # not requested: the workers are not keeping up
+    ttl_ms: int = 0  # its request's time to live, when requested
     task: asyncio.Task[None] | None = None
     ready_at: float = 0.0  # when an inferred frame's answer came
 
@@ -796,6 +801,11 @@ class Stream:
         j = self._next_send
         frame = self._frames.get(j)
         if frame is not None and (frame.failed is not None or frame.skipped):
+            if self._too_late(frame):
+                self._window = max(1.0, self._window / 2)  # as for a late frame
+                self.metrics.add("too_late")
+                self._drop(frame, failed=False)
+                return
             self._drop(frame, failed=not frame.skipped)
             return
         if self._clock is None:
@@ -824,6 +834,27 @@ class Stream:
         else:
             self._window = max(1.0, self._window / 2)
             self._drop(frame, failed=False)
+
+    def _too_late(self, frame: _Frame) -> bool:
+        """Failed only for lack of time: its request carried the frame's own deadline and
+        a worker (or the broker) found it could not be ready by then. A late frame, not a
+        failure that counts towards ending the stream."""
+        failed = frame.failed
+        return (
+            failed is not None
+            and failed.code is ErrorCode.DEADLINE_EXCEEDED
+            and frame.ttl_ms < self.limits.ttl_ms
+        )
+
+    def _frame_ttl_ms(self, j: int) -> int:
+        """How long frame ``j``'s request is worth waiting for: until the latest moment the
+        pacer could still show it (its slot with the playout pushed back as far as it may
+        go, plus the grace), capped by ``ttl_ms``. Before the clock runs, ``ttl_ms``."""
+        if not self.limits.slot_deadlines or self._clock is None:
+            return self.limits.ttl_ms
+        t0, j0 = self._clock
+        last = t0 + (j - j0 + self.limits.grace_frames) / self.fps + self.limits.max_delay_ms / 1000
+        return max(1, min(self.limits.ttl_ms, int((last - time.monotonic()) * 1000)))
 
     async def _wait(self, timeout: float | None) -> None:
         try:
@@ -931,6 +962,7 @@ class Stream:
         else:
             self.metrics.add("inferred")
             self._inferring += 1
+            frame.ttl_ms = self._frame_ttl_ms(j)
             coro = self._infer(frame, self._slice(start, end))
         frame.task = self._spawn(coro)
 
@@ -950,7 +982,7 @@ class Stream:
                     "audio_t0_ms": clip_t0_ms(frame.j, self.fps, self.sr),
                 },
                 payload=(clip,),
-                ttl_ms=self.limits.ttl_ms,
+                ttl_ms=frame.ttl_ms,
             )
             if not answer.payload:
                 raise ServiceError(ErrorCode.INTERNAL, "answer without an image")

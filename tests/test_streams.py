@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gateway_harness import http_get
+from gateway_harness import http_get, metrics
 from speechlike import speechlike
 from stream_harness import (
     RATE,
@@ -355,3 +355,36 @@ async def test_slow_workers_get_fewer_requests_each_in_time(processes, tmp_path)
     )
     assert len(frames) >= 4
     assert events["skipped"] >= 30 and events["inferred"] <= 40
+
+
+async def test_frames_that_would_be_ready_too_late_are_not_computed(processes, tmp_path):
+    """Two streams on a worker that makes 12 frames/s, where 50 are asked for: each frame's
+    request carries the frame's own deadline, the worker refuses those it could not have
+    ready in time (``too_late``: dropped like late frames, not failures that end the
+    stream) and few frames are computed for nobody (the broker's ``discarded``)."""
+    models = null_models(tmp_path / "models", {"m": 10})
+    system = System(processes)
+    system.broker()
+    system.worker(models, name="w", null_delay_ms="80", max_batch="1", max_delay_ms="0")
+    system.gateway()
+    system.wait_models("m")
+    audio = speechlike(6.0, RATE, seed=4)
+    async with client(system) as c:
+        recs = [await c.start(sid, "m") for sid in (1, 2)]
+        await asyncio.gather(*(c.push(sid, audio) for sid in (1, 2)))
+        for sid in (1, 2):
+            await c.stop(sid)
+    for rec in recs:
+        assert rec.ended is not None and rec.ended["type"] == "stream_ended", rec.ended
+        assert rec.ended["frames"] + rec.ended["dropped"] == 150
+    events = system.events()
+    samples = metrics(system.port)
+    discarded = samples[("lipsync_broker_events_total", (("event", "discarded"),))]
+    served = sum(v for (n, _), v in samples.items() if n == "lipsync_worker_served_total")
+    print(
+        f"\ntwo streams on a slow worker: {sum(r.ended['frames'] for r in recs)} frames shown, "
+        f"{events['inferred']:.0f} requested, {events.get('too_late', 0):.0f} refused too late, "
+        f"{served:.0f} computed, {discarded:.0f} of them discarded"
+    )
+    assert events.get("too_late", 0) >= 1
+    assert served >= 30 and discarded <= served / 8
