@@ -19,5 +19,6 @@ def test_estimates_follow_the_measurements_and_err_low():
     times.record("m", 3, 0.300)
     assert times.estimate("m", 4) == pytest.approx(0.300)
     assert times.estimate("other", 2) is None  # per model
+    assert times.age("m") < 5 and times.age("other") == float("inf")
     times.forget("m")
-    assert times.estimate("m", 2) is None
+    assert times.estimate("m", 2) is None and times.age("m") == float("inf")

@@ -56,7 +56,7 @@ from shared.envelope import (
 from shared.errors import ErrorCode, ServiceError
 from shared.modelstats import ModelStatsBook
 from workers.backend import Backend, ForwardBatch, InferItem, InferResult, ModelInfo
-from workers.servicetime import ServiceTimes
+from workers.servicetime import PROBE_AFTER_S, ServiceTimes
 
 
 __all__ = ["Job", "WorkerRuntime", "reconnect_backoff"]
@@ -571,6 +571,8 @@ class WorkerRuntime:
             return jobs
         ready_at = now + took
         keep = [job for job in jobs if job.deadline >= ready_at]
+        if not keep and self.service_times.age(model) > PROBE_AFTER_S:
+            return jobs  # refusing all for a while: run this batch, so it is measured again
         if len(keep) < len(jobs):
             for job in jobs:
                 if job.deadline < ready_at:
