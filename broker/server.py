@@ -369,9 +369,10 @@ class Broker:
         answers (that frees the credit), and that answer is then dropped here."""
         p = self._by_gateway.pop((identity, gid), None)
         if p is None:
-            if any(k[0] == identity and k[1] == gid for k in self._parked):
+            kept = [k for k in self._parked if k[:2] != (identity, gid)]
+            if len(kept) < len(self._parked):  # a metadata request waiting for workers
                 self.totals["cancelled"] += 1
-                self._parked = [k for k in self._parked if k[:2] != (identity, gid)]
+                self._parked = kept
             return
         self.totals["cancelled"] += 1
         p.orphan = True
@@ -572,8 +573,10 @@ class Broker:
                 self._answer_error(p, ErrorCode.WORKER_LOST, f"worker {record.id} lost")
         self._fail_unheld_queues(now)
 
-    def _fail_unheld_queues(self, now: float) -> None:
-        """Queued requests for a model nobody holds any more would only wait for their
+    def _fail_unheld_queues(
+        self, now: float, code: ErrorCode = ErrorCode.WORKER_LOST, why: str = " any more"
+    ) -> None:
+        """Queued requests for a model nobody holds (any more) would only wait for their
         deadline: answer them now. While warming up they wait for workers to register."""
         if self.warming:
             return
@@ -581,9 +584,7 @@ class Broker:
             for p in self.queues.pop(model):
                 p.queued = False
                 if not p.orphan:
-                    self._answer_error(
-                        p, ErrorCode.WORKER_LOST, f"no worker holds model {model!r} any more"
-                    )
+                    self._answer_error(p, code, f"no worker holds model {model!r}{why}")
 
     def _tell_to_leave(self, identity: bytes, now: float) -> None:
         last = self._told_to_leave.get(identity)
@@ -725,9 +726,7 @@ class Broker:
             if waiting
             else "",
         )
-        for model in [m for m in self.queues if not self.registry.holds(m)]:
-            for p in list(self.queues[model]):
-                self._answer_error(p, ErrorCode.UNKNOWN_MODEL, f"no worker holds model {model!r}")
+        self._fail_unheld_queues(now, ErrorCode.UNKNOWN_MODEL, "")
 
     def _answer_parked(self, now: float) -> None:
         """Metadata requests that waited for workers: answer those whose model is now held,

@@ -802,9 +802,8 @@ class Stream:
         frame = self._frames.get(j)
         if frame is not None and (frame.failed is not None or frame.skipped):
             if self._too_late(frame):
-                self._window = max(1.0, self._window / 2)  # as for a late frame
                 self.metrics.add("too_late")
-                self._drop(frame, failed=False)
+                self._drop_late(frame)
                 return
             self._drop(frame, failed=not frame.skipped)
             return
@@ -832,8 +831,12 @@ class Stream:
             self._shift += 1 / self.fps  # jitter: play this stream a frame later from now on
             self.metrics.add("delayed")
         else:
-            self._window = max(1.0, self._window / 2)
-            self._drop(frame, failed=False)
+            self._drop_late(frame)
+
+    def _drop_late(self, frame: _Frame) -> None:
+        """A frame that could not be shown in time: fewer requests in flight from now on."""
+        self._window = max(1.0, self._window / 2)
+        self._drop(frame, failed=False)
 
     def _too_late(self, frame: _Frame) -> bool:
         """Failed only for lack of time: its request carried the frame's own deadline and

@@ -573,17 +573,12 @@ class WorkerRuntime:
         keep = [job for job in jobs if job.deadline >= ready_at]
         if not keep and self.service_times.age(model) > PROBE_AFTER_S:
             return jobs  # refusing all for a while: run this batch, so it is measured again
-        if len(keep) < len(jobs):
-            for job in jobs:
-                if job.deadline < ready_at:
-                    self.counters.add("expired")
-                    self.counters.add("too_late")
-                    self._error(
-                        out,
-                        job,
-                        ErrorCode.DEADLINE_EXCEEDED,
-                        f"would be ready after its deadline (a batch takes ~{took * 1000:.0f} ms)",
-                    )
+        why = f"would be ready after its deadline (a batch takes ~{took * 1000:.0f} ms)"
+        for job in jobs:
+            if job.deadline < ready_at:
+                self.counters.add("expired")
+                self.counters.add("too_late")
+                self._error(out, job, ErrorCode.DEADLINE_EXCEEDED, why)
         return keep
 
     def _run_batch(self, out: _Outbox, model: str, jobs: list[Job]) -> None:
