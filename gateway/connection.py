@@ -9,8 +9,10 @@ message at a time. Three rules keep that safe:
 - **Order where the client needs it.** Layout A answers carry nothing to match them by, so
   they go out in request order (:class:`~gateway.outbox.Sequencer`). Other answers name
   their frame or model and go out as soon as they are ready.
-- **Bounded output.** Answers wait in an :class:`~gateway.outbox.Outbox` that drops the
-  oldest frame when the client does not read.
+- **Bounded output.** Answers wait in an :class:`~gateway.outbox.Outbox`; when the client
+  does not read, the oldest images are replaced by their layout's error shapes, in their
+  slots. A client holding more than ``max_undelivered`` answers (pipelining without limit
+  against a stall, or not reading at all) is closed with 1008 (:data:`CLOSE_OVERFLOW`).
 
 Every message gets exactly one answer, whatever happens to it: a malformed one an error in
 the closest shape, a failed one its error shape, never silence.
@@ -29,7 +31,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.admin import ADMIN_TYPES, admin, admin_error
-from gateway.outbox import Outbox, Sequencer
+from gateway.outbox import KEEP, Fallback, Outbox, Sequencer
 from shared.browser import (
     ErrorResponseC,
     JsonRequest,
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
     from gateway.server import Gateway
 
 
-__all__ = ["FEATURES", "PROTOCOL_VERSION", "Connection", "peer_name"]
+__all__ = ["CLOSE_OVERFLOW", "FEATURES", "PROTOCOL_VERSION", "Connection", "peer_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,8 @@ MODES = ("crop", "composite")
 AUDIO_SR = 24_000  # layout B and audio_override: the original page's capture rate
 VIDEO_FRAME_TTL_MS = 5_000
 LOCAL_TTL_MS = 2_000  # list_models, metadata, stats: the broker answers them itself
-MAX_SEND_QUEUE_BYTES = 8 * 1024 * 1024
+CLOSE_OVERFLOW = 1008  # policy violation: more undelivered answers than allowed
+SLOW_CLIENT = "slow_client: answer not read in time; its image was dropped"
 
 JsonAnswer = str | bytes
 JsonHandler = Callable[[JsonRequest, float], Awaitable[JsonAnswer]]
@@ -122,21 +125,20 @@ class Connection:
         self.metrics = gateway.metrics
         self.ws = ws
         self.peer = peer_name(ws)
+        held_bytes = int(self.config.max_undelivered_mb * 1024 * 1024)
         self.outbox = Outbox(
-            max_items=self.config.max_send_queue,
-            max_bytes=MAX_SEND_QUEUE_BYTES,
+            max_bytes=held_bytes,
+            max_age_s=self.config.slow_client_ms / 1000,
             on_drop=self._on_drop,
         )
-        self.sequencer = Sequencer(
-            max_waiting=self.config.max_in_flight + self.config.max_send_queue
-        )
+        self.sequencer = Sequencer(max_bytes=held_bytes)
+        self.overflowed = False  # closed for holding too many undelivered answers
         self.tasks: set[asyncio.Task[None]] = set()
         # server-driven streams (docs/streams.md): their own bounds, not max_in_flight
         self.streams = gateway.streams.connection(
             request=gateway.broker.request, send=self._stream_send
         )
         self.received = 0
-        self._refusals_dropped = 0  # layout A refusals with no room left to wait in order
         # per-connection settings, changed by hello
         self.mode_a = "composite"  # the A client draws the answer as the whole picture
         self.mode_b = "crop"  # the C client draws the answer at its bounds
@@ -183,8 +185,8 @@ class Connection:
 
     @property
     def dropped(self) -> int:
-        """Answers this client never got because it did not read them in time."""
-        return self.outbox.dropped + self.sequencer.dropped + self._refusals_dropped
+        """Answers whose image this client never got because it did not read in time."""
+        return self.outbox.dropped + self.sequencer.dropped
 
     async def drain(self) -> None:
         """Wait until every accepted request is answered and handed to the socket."""
@@ -206,9 +208,34 @@ class Connection:
 
     async def _stream_send(self, data: bytes | str) -> None:
         if isinstance(data, bytes):
-            self.outbox.put(data, "tagged")
+            self._put(data, "tagged", None)  # the sequence numbers show a gap
         else:
             self._put_json(data)
+
+    def _put(self, data: bytes | str, kind: str, fallback: Fallback = KEEP) -> None:
+        """Queue an answer for the socket (``fallback``: see ``gateway.outbox``)."""
+        self.outbox.put(data, kind, fallback)
+        self._check_undelivered()
+
+    def _check_undelivered(self) -> None:
+        """Close a connection that holds more undelivered answers than allowed: it pipelines
+        without limit against a stall, or does not read at all. Each answer it holds costs
+        only a few bytes once its image is given up, but the count must end somewhere."""
+        held = len(self.outbox) + self.sequencer.waiting
+        if held <= self.config.max_undelivered or self.overflowed:
+            return
+        self.overflowed = True
+        self.metrics.overflow_closes.inc()
+        reason = f"more than {self.config.max_undelivered} answers undelivered"
+        logger.warning(
+            "%s: %s (%d waiting for order, %d for the socket); closing with %d",
+            self.peer,
+            reason,
+            self.sequencer.waiting,
+            len(self.outbox),
+            CLOSE_OVERFLOW,
+        )
+        asyncio.ensure_future(self.ws.close(CLOSE_OVERFLOW, reason))
 
     def _on_drop(self, kind: str) -> None:
         self.metrics.dropped.labels(kind).inc()
@@ -219,6 +246,9 @@ class Connection:
     def receive(self, message: str | bytes) -> None:
         """Handle one client message: answer it now, or start a task that will."""
         self.received += 1
+        if self.overflowed:
+            return  # closing: what it sends now is not read
+
         t0 = time.monotonic()
         if isinstance(message, str):
             self.gateway.totals["json_requests"] += 1
@@ -282,7 +312,7 @@ class Connection:
             request = parse_binary_request(data)
         except ProtocolError as exc:
             self.metrics.malformed.labels("binary").inc()
-            self.outbox.put(ErrorResponseC(0, 0, f"bad_request: {exc}").serialize(), "c")
+            self._put(ErrorResponseC(0, 0, f"bad_request: {exc}").serialize(), "c")
             return
         if isinstance(request, RequestA):
             self._on_a(request, t0)
@@ -295,11 +325,7 @@ class Connection:
             self._spawn(self._infer_a(request, self.sequencer.ticket(), t0))
             return
         self._done("infer_a", refusal.code.value, t0, broker=False)
-        if self.sequencer.waiting >= self.sequencer.max_waiting:
-            self._refusals_dropped += 1  # the answer would only push out an older one
-            self._on_drop("a")
-        else:
-            self._release_a(self.sequencer.ticket(), b"")
+        self._release_a(self.sequencer.ticket(), b"")  # in order, like every A answer
 
     async def _infer_a(self, request: RequestA, ticket: int, t0: float) -> None:
         try:
@@ -320,11 +346,12 @@ class Connection:
         seq = self.sequencer
         reordered, dropped = seq.reordered, seq.dropped
         for answer in seq.complete(ticket, image):
-            self.outbox.put(answer, "a")
+            self.outbox.put(answer, "a", b"" if answer else KEEP)
         if seq.reordered > reordered:
             self.metrics.reordered.inc(seq.reordered - reordered)
         for _ in range(seq.dropped - dropped):
             self._on_drop("a")
+        self._check_undelivered()
 
     def _on_b(self, request: RequestB, t0: float) -> None:
         refusal = self._admit()
@@ -332,7 +359,7 @@ class Connection:
             self._spawn(self._infer_b(request, t0))
             return
         ms = self._done("infer_b", refusal.code.value, t0, broker=False)
-        self.outbox.put(ErrorResponseC(request.frame_id, ms, _text(refusal)).serialize(), "c")
+        self._put(ErrorResponseC(request.frame_id, ms, _text(refusal)).serialize(), "c")
 
     async def _infer_b(self, request: RequestB, t0: float) -> None:
         try:
@@ -347,11 +374,14 @@ class Connection:
             image, bounds = _jpeg(answer), _bounds(answer)
         except ServiceError as exc:
             ms = self._done("infer_b", exc.code.value, t0)
-            message = ErrorResponseC(request.frame_id, ms, _text(exc)).serialize()
+            self._put(ErrorResponseC(request.frame_id, ms, _text(exc)).serialize(), "c")
         else:
             ms = self._done("infer_b", "ok", t0)
-            message = ResponseC(request.frame_id, ms, image, bounds).serialize()
-        self.outbox.put(message, "c")
+            self._put(
+                ResponseC(request.frame_id, ms, image, bounds).serialize(),
+                "c",
+                ErrorResponseC(request.frame_id, ms, SLOW_CLIENT).serialize(),
+            )
 
     # -- text: JSON --------------------------------------------------------------------
 
@@ -395,7 +425,7 @@ class Connection:
             self._put_json(unknown_type_message(kind))
 
     def _put_json(self, text: str) -> None:
-        self.outbox.put(text, "json", droppable=False)
+        self._put(text, "json")
 
     async def _json_call(
         self, op: str, handler: JsonHandler, shape: ErrorShape, request: JsonRequest, t0: float
@@ -409,8 +439,8 @@ class Connection:
             logger.exception("%s failed", op)
             answer, outcome = shape(request, "internal: internal error"), "internal"
         self._done(op, outcome, t0)
-        if isinstance(answer, bytes):
-            self.outbox.put(answer, "d")
+        if isinstance(answer, bytes):  # a video frame (D); its error shape is JSON
+            self._put(answer, "d", shape(request, SLOW_CLIENT))
         else:
             self._put_json(answer)
 

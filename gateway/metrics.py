@@ -63,8 +63,16 @@ class GatewayMetrics:
         )
         self.dropped = Counter(
             "lipsync_gateway_dropped_frames",
-            "Answers dropped because the client did not read them in time, by kind.",
+            "Answers whose image was given up because the client did not read it in time, "
+            "by kind: sent as the layout's error shape in the same slot (a, c, d), or left "
+            "out (tagged stream frames, whose sequence numbers show the gap).",
             ["kind"],
+            registry=r,
+        )
+        self.overflow_closes = Counter(
+            "lipsync_gateway_overflow_closes",
+            "Connections closed (1008) for holding more undelivered answers than allowed: "
+            "a client pipelining without limit against a stall, or not reading at all.",
             registry=r,
         )
         self.reordered = Counter(

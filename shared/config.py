@@ -50,6 +50,7 @@ class WorkerConfig:
     fp16: bool = False  # half precision on CUDA (ignored on CPU)
     null_delay_ms: float = 0.0  # service time of the null backend
     null_jpeg_bytes: int = 20_000  # size of the null backend's fixed JPEG
+    null_frame_tags: bool = False  # null backend: frame id in a JPEG comment (order checks)
     heartbeat_s: float = 1.0
     liveness: int = 3
     jpeg_quality: int = 85
@@ -70,8 +71,16 @@ class GatewayConfig:
     allowed_origins: str = ""  # comma list; empty = same origin and localhost
     max_message_bytes: int = 1 << 20
     max_in_flight: int = 32  # per connection
-    max_send_queue: int = 64  # undelivered frames per connection before dropping the oldest
+    # A connection's undelivered answers (waiting for order or for the socket): past this
+    # many it is closed (a client pipelining without limit against a stall); past
+    # max_undelivered_mb of images (each of the two queues), the oldest images are replaced
+    # by their error shapes; an answer its client has not taken for slow_client_ms (the
+    # socket did not move) goes out as its error shape too.
+    max_undelivered: int = 2048
+    max_undelivered_mb: float = 16.0
+    slow_client_ms: int = 3000
     request_timeout_ms: int = 2000  # default deadline of an infer request
+    max_deadline_ms: int = 60_000  # the longest deadline a request may ask for
     ping_interval_s: float = 20.0
     log_level: str = "INFO"
 

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     CANCELLED = "cancelled"
     SHUTTING_DOWN = "shutting_down"
+    SLOW_CLIENT = "slow_client"  # the client did not read the answer in time: image dropped
     INTERNAL = "internal"
 
 

@@ -88,13 +88,17 @@ class FaultSystem(System):
         capacity: int = 0,
         max_delay_ms: float = 2,
         jpeg_bytes: int = 20_000,
+        frame_tags: bool = False,
     ) -> subprocess.Popen[bytes]:
+        env = {**FAST_BEATS, "LIPSYNC_NULL_JPEG_BYTES": str(jpeg_bytes)}
+        if frame_tags:  # each answer names its frame (workers.null.tag_jpeg)
+            env["LIPSYNC_NULL_FRAME_TAGS"] = "1"
         proc = self.processes.start(
             "worker", "--backend", "null", "--broker", self.backend,
             "--models-dir", str(self.models_dir), "--worker-id", name,
             "--null-delay-ms", str(delay_ms), "--max-batch", str(max_batch),
             "--capacity", str(capacity), "--max-delay-ms", str(max_delay_ms),
-            env={**FAST_BEATS, "LIPSYNC_NULL_JPEG_BYTES": str(jpeg_bytes)}, name=name,
+            env=env, name=name,
         )  # fmt: skip
         self.workers[name] = proc
         return proc

@@ -1,11 +1,12 @@
 """Abusive and unlucky clients, end to end through real processes: clients that vanish with
 requests in flight, a client that never reads, a client that opens and closes a thousand
-connections, and bursts far above what the workers can do.
+connections, bursts far above what the workers can do, and a client that pipelines without
+limit against a stalled worker.
 
 What must hold (DESIGN.md sections 3 and 4): nothing leaks (gateway in flight and
 connections back to 0, broker pending 0, every request a worker received answered, fds and
 RSS back near where they started); the gateway's memory does not follow a client that does
-not read (its oldest frames are dropped and counted, exactly); and a burst is answered in
+not read (its oldest images are given up and counted, exactly); and a burst is answered in
 full, each request exactly once, the excess with ``overloaded`` at once rather than queued
 until its deadline.
 """
@@ -13,15 +14,24 @@ until its deadline.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
+import psutil
 import pytest
 from fault_harness import MIB, FaultSystem, eventually, gateway_outcomes, memory_line, report
-from gateway_harness import metric
+from gateway_harness import FAST_BEATS, metric
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from lipsync.bench.ledger import ABANDONED, Ledger, LedgerClient
-from shared.browser import RequestB, ResponseC, parse_inference_response
+from shared.browser import (
+    ErrorResponseC,
+    RequestA,
+    RequestB,
+    ResponseC,
+    parse_inference_response,
+)
 
 
 pytestmark = pytest.mark.fault
@@ -113,9 +123,10 @@ async def test_clients_vanish_with_requests_in_flight(system):
 async def test_client_that_never_reads_costs_only_its_own_frames(system):
     """A client sends 800 requests for 100 kB frames (28 at a time, within its in-flight
     limit) and reads nothing until they are all done; meanwhile another client is served
-    normally. The gateway drops the slow client's oldest frames, its memory stays far
-    below what was produced, and the books balance exactly: frames it finally reads +
-    frames dropped = requests sent, no frame twice, and the other client lost nothing."""
+    normally. The gateway gives up the slow client's oldest images, its memory stays far
+    below what was produced, and the books balance exactly: when it finally reads, every
+    request has one answer, an image or a ``slow_client`` C error naming its frame (as
+    many as the gateway counted), no frame twice; the other client lost nothing."""
     n, step = 800, 28
     system.start_broker()
     system.start_null_worker("w1", delay_ms=0, max_batch=8, jpeg_bytes=100_000)
@@ -159,17 +170,20 @@ async def test_client_that_never_reads_costs_only_its_own_frames(system):
             - dropped0
         )
         received = []
-        for _ in range(n - int(dropped)):
+        for _ in range(n):
             received.append(parse_inference_response(await asyncio.wait_for(slow.recv(), 30)))
         await slow.send(RequestB(system.model, n).serialize())  # a sentinel
         sentinel = parse_inference_response(await asyncio.wait_for(slow.recv(), 30))
     after = {name: p.sample() for name, p in system.probes().items()}
 
     frames = [r.frame_id for r in received]
+    images = [r for r in received if isinstance(r, ResponseC)]
+    given_up = [r for r in received if isinstance(r, ErrorResponseC)]
     assert dropped > 0
-    assert len(frames) + dropped == n
-    assert len(set(frames)) == len(frames)  # no frame twice
-    assert all(isinstance(r, ResponseC) and r.image[:2] == b"\xff\xd8" for r in received)
+    assert sorted(frames) == list(range(n))  # one answer per request, none twice
+    assert all(r.image[:2] == b"\xff\xd8" for r in images)
+    assert len(given_up) == dropped
+    assert all(r.error.startswith("slow_client: ") for r in given_up)
     assert isinstance(sentinel, ResponseC) and sentinel.frame_id == n  # nothing else pending
     assert normal.lost == normal.duplicates == normal.unexpected == 0
     assert normal.kinds() == {"ok": normal.sent} and normal.sent > 0
@@ -183,7 +197,7 @@ async def test_client_that_never_reads_costs_only_its_own_frames(system):
         recovery_s=0.0,
         memory=memory_line(before, after) + f"; gateway peak {peak / MIB:.0f} MiB",
         slow_sent=n,
-        slow_read=len(frames),
+        slow_images=len(images),
         slow_dropped=int(dropped),
     )
 
@@ -301,3 +315,48 @@ async def test_burst_far_above_capacity(system):
         slowest_overloaded_s=round(overloaded_wait, 2),
         deadline_s=deadline_s,
     )
+
+
+async def test_pipelining_without_limit_against_a_stall_is_closed(system):
+    """A client that keeps sending A requests while the worker of its model is stalled
+    (every answer after the first waits behind it, in order): past ``max_undelivered``
+    waiting answers the gateway closes it with 1008 and says why, its memory stays
+    bounded, and another connection's frames all arrive meanwhile."""
+    system.start_broker()
+    system.start_null_worker("w1", delay_ms=2)
+    stuck = system.processes.start(
+        "worker", "--backend", "null", "--broker", system.backend, "--models", "stuck",
+        "--worker-id", "stuck", env=FAST_BEATS, name="stuck",
+    )  # fmt: skip
+    system.start_gateway_process(env={"LIPSYNC_MAX_UNDELIVERED": "600"})
+    await system.wait_ready("w1", "stuck")
+    gateway = psutil.Process(system.gateway.pid)
+    rss_before = gateway.memory_info().rss
+    stuck.send_signal(signal.SIGSTOP)
+    try:
+        async with (
+            connect(system.url) as flood,
+            connect(system.url) as other,
+        ):
+            for frame in range(2000):
+                try:
+                    await flood.send(RequestA("stuck", frame).serialize())
+                except ConnectionClosed:
+                    break
+            others = []
+            for frame in range(50):
+                await other.send(RequestA(system.model, frame).serialize())
+                others.append(await asyncio.wait_for(other.recv(), 10))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(flood.recv(), 10)
+            rss_after = gateway.memory_info().rss
+        assert flood.close_code == 1008
+        assert flood.close_reason == "more than 600 answers undelivered"
+        assert all(len(a) == 20_000 for a in others)
+        assert gateway_metric(system, "lipsync_gateway_overflow_closes_total") == 1
+        assert gateway_metric(system, "lipsync_gateway_dropped_frames_total", kind="a") == 0
+        assert rss_after - rss_before < 16 * MIB
+    finally:
+        stuck.send_signal(signal.SIGCONT)
+    await gateway_settled(system)

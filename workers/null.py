@@ -9,6 +9,11 @@ device that is already busy: batching does not make it faster). ``encode`` costs
 beyond handing out the same bytes. A request's latency at an idle worker is therefore
 about ``delay_ms`` plus the batching wait (``max_delay_ms``).
 
+Frame tags (``LIPSYNC_NULL_FRAME_TAGS=1``): each answer carries its frame id in a JPEG
+comment (:func:`tag_jpeg`, read back by :func:`jpeg_frame_tag`), so a test that pipelines
+layout A requests (whose answers are bare JPEGs) can check that every answer is the one its
+request asked for, in order. Off by default: the answers are then byte-identical.
+
 Models: ``names`` when given (``lipsync worker --backend null --models a,b``); otherwise
 the packages found in the models dir (their frame count and fps read from
 ``package_info.json``); otherwise one model called ``null``.
@@ -27,13 +32,14 @@ from shared.errors import ErrorCode, ServiceError
 from workers.backend import VIDEO_TYPES, ForwardBatch, InferItem, InferResult, ModelInfo
 
 
-__all__ = ["NullBackend", "fixed_jpeg"]
+__all__ = ["NullBackend", "fixed_jpeg", "jpeg_frame_tag", "tag_jpeg"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = 100
 DEFAULT_SIZE = (1280, 720)
 DEFAULT_BOUNDS = (480.0, 160.0, 800.0, 480.0)
+_TAG = b"lipsync-frame:"
 
 
 def fixed_jpeg(size: int) -> bytes:
@@ -62,6 +68,27 @@ def fixed_jpeg(size: int) -> bytes:
     return base[:2] + b"".join(segments) + base[2:]
 
 
+def tag_jpeg(jpeg: bytes, frame_id: int) -> bytes:
+    """``jpeg`` with a comment segment naming ``frame_id`` right after its start marker
+    (still a valid JPEG: decoders skip comments)."""
+    text = _TAG + str(frame_id).encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
+def jpeg_frame_tag(jpeg: bytes) -> int | None:
+    """The frame id :func:`tag_jpeg` wrote into ``jpeg``, or None if it carries none."""
+    if jpeg[2:4] != b"\xff\xfe":
+        return None
+    size = int.from_bytes(jpeg[4:6], "big")
+    text = jpeg[6 : 4 + size]
+    if not text.startswith(_TAG):
+        return None
+    try:
+        return int(text[len(_TAG) :])
+    except ValueError:
+        return None
+
+
 class NullBackend:
     """``workers.backend.Backend`` without a model (see the module docstring)."""
 
@@ -74,12 +101,14 @@ class NullBackend:
         delay_ms: float = 0.0,
         jpeg_bytes: int = 20_000,
         device: str = "cpu",
+        frame_tags: bool = False,
     ) -> None:
         if delay_ms < 0:
             raise ValueError("delay_ms must be >= 0")
         self.device = device
         self.delay_s = delay_ms / 1000
         self.jpeg = fixed_jpeg(jpeg_bytes)
+        self.frame_tags = frame_tags
         self._models = dict(models)
 
     @classmethod
@@ -89,7 +118,12 @@ class NullBackend:
             models = {n: _info(n) for n in names}
         else:
             models = _packages(Path(config.models_dir)) or {"null": _info("null")}
-        return cls(models, delay_ms=config.null_delay_ms, jpeg_bytes=config.null_jpeg_bytes)
+        return cls(
+            models,
+            delay_ms=config.null_delay_ms,
+            jpeg_bytes=config.null_jpeg_bytes,
+            frame_tags=config.null_frame_tags,
+        )
 
     def warmup(self) -> None:
         """Nothing to warm up; here so the runtime treats every backend alike."""
@@ -124,11 +158,11 @@ class NullBackend:
             error
             if error is not None
             else InferResult(
-                jpeg=self.jpeg,
+                jpeg=tag_jpeg(self.jpeg, item.frame_id) if self.frame_tags else self.jpeg,
                 bounds=info.bounds,
                 timings={"prepare": 0.0, "composite": 0.0, "encode": 0.0},
             )
-            for error in batch.errors
+            for item, error in zip(batch.items, batch.errors, strict=True)
         ]
 
     def video_frame(self, model: str, frame_id: int, video_type: str, quality: int) -> bytes:
