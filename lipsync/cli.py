@@ -45,6 +45,7 @@ def _worker(args: argparse.Namespace) -> int:
             backend=args.backend,
             max_batch=args.max_batch,
             max_delay_ms=args.max_delay_ms,
+            batch_sizing=args.batch_sizing,
             capacity=args.capacity,
             fp16=args.fp16,
             null_delay_ms=args.null_delay_ms,
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "null"], help="compute backend (default torch)")
     p.add_argument("--max-batch", type=int, help="largest batch (default 4)")
     p.add_argument("--max-delay-ms", type=float, help="wait for a batch to fill (default 5)")
+    p.add_argument(
+        "--batch-sizing",
+        choices=("deadline", "fixed"),
+        help="deadline (default): batches sized to their jobs' deadlines; fixed: max batch",
+    )
     p.add_argument("--capacity", type=int, help="requests held at once (default 2 x max batch)")
     p.add_argument("--fp16", action="store_true", default=None, help="half precision on CUDA")
     p.add_argument("--null-delay-ms", type=float, help="service time of the null backend")

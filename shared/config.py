@@ -46,6 +46,9 @@ class WorkerConfig:
     backend: str = "torch"  # torch | null
     max_batch: int = 4
     max_delay_ms: float = 5.0  # how long to wait for a batch to fill
+    # "deadline": each batch as large as gets the most of its jobs answered by their
+    # deadlines (measured batch times, workers.batchsize); "fixed": always max_batch
+    batch_sizing: str = "deadline"
     capacity: int = 0  # 0 = 2 x max_batch
     fp16: bool = False  # half precision on CUDA (ignored on CPU)
     null_delay_ms: float = 0.0  # service time of the null backend

@@ -656,3 +656,38 @@ async def test_curve_backend(cluster, tmp_path):
     client = await cluster.client()
     await cluster.wait_workers(client, "w1")
     assert Counter(o for o, _ in await run_requests(client, 10)) == {"ok": 10}
+
+
+async def test_batches_sized_to_their_deadlines_answer_more_in_time(cluster):
+    """A null worker whose batch of n takes n x 200 ms, and rounds of four requests due in
+    700 ms: a fixed batch of four (800 ms) is refused whole once measured (and run now
+    and then to measure it again); sized to the deadlines, three of each round are
+    answered (a batch of three: 600 ms), and the fourth is refused at once instead of
+    computed for nobody."""
+    cluster.start_broker()
+    common = {"delay_ms": 200, "max_batch": 4, "capacity": 4, "max_delay_ms": 30}
+    cluster.start_worker("fixed", models="f", args=("--batch-sizing", "fixed"), **common)
+    cluster.start_worker("sized", models="d", **common)
+    client = await cluster.client()
+    await cluster.wait_workers(client, "fixed", "sized")
+
+    async def rounds(model: str, n: int) -> list[int]:
+        in_time = []
+        for r in range(n):
+            answers = await asyncio.gather(
+                *(
+                    client.request("infer", model=model, frame=r * 4 + i, ttl_ms=700)
+                    for i in range(4)
+                ),
+                return_exceptions=True,
+            )
+            in_time.append(sum(not isinstance(a, BaseException) for a in answers))
+            await asyncio.sleep(0.3)  # let a late batch finish before the next round
+        return in_time
+
+    fixed, sized = await asyncio.gather(rounds("f", 6), rounds("d", 6))
+    print(f"answered in time per round: fixed {fixed}, sized {sized}")
+    # the first round has nothing measured: both run a batch of four (its answers come
+    # through within the broker's grace for late worker answers)
+    assert sum(sized[1:]) >= 3 * 5 - 2  # three per round (one miss allowed: a busy host)
+    assert sum(sized[1:]) > sum(fixed[1:]) + 5

@@ -8,7 +8,8 @@ Shaped like vllm's ``EngineCoreProc``: threads around a busy loop, joined by que
   (rule 7: heartbeats flow while a batch runs), and reconnects with backoff when the broker
   goes silent (rule 3).
 - **compute thread** (``_compute_loop``): forms batches per model (up to ``max_batch``,
-  waiting at most ``max_delay_ms`` for more), drops requests whose deadline has passed
+  waiting at most ``max_delay_ms`` for more, of the size that answers the most jobs by
+  their deadlines: ``workers.batchsize``), drops requests whose deadline has passed
   before computing them (rule 5), or would pass before the batch is ready
   (``workers.servicetime``), runs ``backend.forward``, and hands the batch on.
 - **encode thread** (``_encode_loop``): ``backend.encode`` (composite + JPEG), so that the
@@ -23,6 +24,7 @@ broker reuses request ids).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -30,7 +32,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +58,7 @@ from shared.envelope import (
 from shared.errors import ErrorCode, ServiceError
 from shared.modelstats import ModelStatsBook
 from workers.backend import Backend, ForwardBatch, InferItem, InferResult, ModelInfo
+from workers.batchsize import batch_time, choose_batch_size, in_time
 from workers.servicetime import PROBE_AFTER_S, ServiceTimes
 
 
@@ -178,6 +181,8 @@ class WorkerRuntime:
     ) -> None:
         if config.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if config.batch_sizing not in ("deadline", "fixed"):
+            raise ValueError(f"batch_sizing must be deadline or fixed, not {config.batch_sizing!r}")
         self.config = config
         self.backend = backend
         self.worker_id = config.worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -513,7 +518,7 @@ class WorkerRuntime:
                         kind = ""
                 now = time.monotonic()
                 self._expire(out, queues, now)
-                picked = _pick_batch(queues, self.config.max_batch, max_delay, now)
+                picked = _pick_batch(queues, self.config.max_batch, max_delay, now, self._size_for)
                 if picked is not None:
                     model, jobs = picked
                     jobs = self._refuse_too_late(out, model, jobs, now)
@@ -562,20 +567,38 @@ class WorkerRuntime:
             if not queues[model]:
                 del queues[model]
 
+    def _size_for(self, model: str, head: list[Job], now: float) -> int:
+        """How many of ``head`` (the first jobs of ``model``'s queue) the next batch takes:
+        with ``batch_sizing`` "deadline", the size that answers the most of them by their
+        deadlines (``workers.batchsize``); "fixed", all of them."""
+        if self.config.batch_sizing == "fixed":
+            return len(head)
+        times = self.service_times.table(model)
+        return choose_batch_size([j.deadline for j in head], now, times, len(head))
+
     def _refuse_too_late(self, out: _Outbox, model: str, jobs: list[Job], now: float) -> list[Job]:
         """Answer ``deadline_exceeded`` now, without computing it, a job whose deadline comes
-        before this batch could be ready (``workers.servicetime``): a stream's frame that
-        would arrive after its slot is work nobody sees, and the time goes to the others."""
-        took = self.service_times.estimate(model, len(jobs))
-        if took is None:
+        before this batch could be ready (``workers.batchsize.in_time``): a stream's frame
+        that would arrive after its slot is work nobody sees, and the time goes to the
+        others."""
+        times = self.service_times.table(model)
+        if not times:
             return jobs
-        ready_at = now + took
-        keep = [job for job in jobs if job.deadline >= ready_at]
+        deadlines = [job.deadline for job in jobs]
+        if self.config.batch_sizing == "fixed":  # as before: the whole batch's time
+            ready_at = now + (batch_time(times, len(jobs)) or 0.0)
+            keep_mask = [d >= ready_at for d in deadlines]
+        else:
+            keep_mask = in_time(deadlines, now, times)
+        keep = [job for job, k in zip(jobs, keep_mask, strict=True) if k]
+        if len(keep) == len(jobs):
+            return jobs
         if not keep and self.service_times.age(model) > PROBE_AFTER_S:
             return jobs  # refusing all for a while: run this batch, so it is measured again
+        took = batch_time(times, max(1, len(keep))) or 0.0
         why = f"would be ready after its deadline (a batch takes ~{took * 1000:.0f} ms)"
-        for job in jobs:
-            if job.deadline < ready_at:
+        for job, k in zip(jobs, keep_mask, strict=True):
+            if not k:
                 self.counters.add("expired")
                 self.counters.add("too_late")
                 self._error(out, job, ErrorCode.DEADLINE_EXCEEDED, why)
@@ -754,10 +777,15 @@ def _batch_wait(
 
 
 def _pick_batch(
-    queues: dict[str, deque[Job]], max_batch: int, max_delay: float, now: float
+    queues: dict[str, deque[Job]],
+    max_batch: int,
+    max_delay: float,
+    now: float,
+    size_for: Callable[[str, list[Job], float], int] = lambda model, head, now: len(head),
 ) -> tuple[str, list[Job]] | None:
-    """The next batch: a full one if any (oldest first), else the oldest model's if its
-    first job has waited ``max_delay``."""
+    """The next batch: from a full queue if any (oldest first), else from the oldest
+    model's if its first job has waited ``max_delay``; of at most ``max_batch`` jobs,
+    ``size_for(model, head, now)`` of them (head: the first ``max_batch``)."""
     if not queues:
         return None
     order = sorted(queues, key=lambda m: queues[m][0].received)
@@ -767,7 +795,8 @@ def _pick_batch(
     if chosen is None:
         return None
     q = queues[chosen]
-    jobs = [q.popleft() for _ in range(min(max_batch, len(q)))]
+    size = size_for(chosen, list(itertools.islice(q, max_batch)), now)
+    jobs = [q.popleft() for _ in range(max(1, size))]
     if not q:
         del queues[chosen]
     return chosen, jobs
