@@ -403,6 +403,9 @@ class Broker:
             return
         result = dict(holders[0].models[model])
         result["model_name"] = model
+        # what a pipelining client may keep in flight without its requests queueing here
+        result["workers"] = len(holders)
+        result["capacity"] = sum(h.capacity for h in holders)
         self._reply_to_gateway(identity, gid, result)
 
     def _admin(self, identity: bytes, header: Request, payload: list[Any], deadline: float) -> None:

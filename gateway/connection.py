@@ -33,6 +33,9 @@ from websockets.exceptions import ConnectionClosed
 from gateway.admin import ADMIN_TYPES, admin, admin_error
 from gateway.outbox import KEEP, Fallback, Outbox, Sequencer
 from shared.browser import (
+    DEADLINE,
+    EXTENSION,
+    DeadlineRequest,
     ErrorResponseC,
     JsonRequest,
     ProtocolError,
@@ -82,14 +85,17 @@ FEATURES = (
     "error_codes",
     "streams",
     "tagged_frames",
+    "deadlines",
 )
-"""What ``hello`` offers (``streams``, ``tagged_frames``: docs/streams.md)."""
+"""What ``hello`` offers (``streams``, ``tagged_frames``: docs/streams.md; ``deadlines``:
+B requests with their own deadline, docs/protocol.md section 5)."""
 
 STREAM_TYPES = frozenset({"stream_start", "stream_stop", "stream_interrupt"})
 MODES = ("crop", "composite")
 AUDIO_SR = 24_000  # layout B and audio_override: the original page's capture rate
 VIDEO_FRAME_TTL_MS = 5_000
 LOCAL_TTL_MS = 2_000  # list_models, metadata, stats: the broker answers them itself
+DEADLINE_PREFIX = bytes([EXTENSION, DEADLINE])
 CLOSE_OVERFLOW = 1008  # policy violation: more undelivered answers than allowed
 SLOW_CLIENT = "slow_client: answer not read in time; its image was dropped"
 
@@ -144,6 +150,7 @@ class Connection:
         self.mode_b = "crop"  # the C client draws the answer at its bounds
         self.quality: int | None = None  # None: the worker's default
         self.video_quality: int | None = None
+        self.said_hello = False  # a client of ours: answers may carry our extra fields
         self._json: dict[str, tuple[str, JsonHandler, ErrorShape]] = {
             "": ("inference", self._inference, _inference_error),
             "inference": ("inference", self._inference, _inference_error),
@@ -305,6 +312,9 @@ class Connection:
     # -- binary: layouts A and B -------------------------------------------------------
 
     def _on_binary(self, data: bytes, t0: float) -> None:
+        if data[:2] == DEADLINE_PREFIX:  # ours: a B request with its own deadline
+            self._on_deadline_request(data, t0)
+            return
         if data[:1] == b"\x00":  # this project's own: a stream's audio chunk
             self.streams.handle_audio(data)
             return
@@ -353,15 +363,30 @@ class Connection:
             self._on_drop("a")
         self._check_undelivered()
 
-    def _on_b(self, request: RequestB, t0: float) -> None:
+    def _on_deadline_request(self, data: bytes, t0: float) -> None:
+        try:
+            wrapped = DeadlineRequest.parse(data)
+        except ProtocolError as exc:
+            self.metrics.malformed.labels("binary").inc()
+            self._put(ErrorResponseC(0, 0, f"bad_request: {exc}").serialize(), "c")
+            return
+        request, most = wrapped.request, self.config.max_deadline_ms
+        if not 1 <= wrapped.deadline_ms <= most:
+            ms = self._done("infer_b", ErrorCode.BAD_REQUEST.value, t0, broker=False)
+            why = f"bad_request: deadline_ms must be 1..{most} on this gateway"
+            self._put(ErrorResponseC(request.frame_id, ms, why).serialize(), "c")
+            return
+        self._on_b(request, t0, wrapped.deadline_ms)
+
+    def _on_b(self, request: RequestB, t0: float, ttl_ms: int | None = None) -> None:
         refusal = self._admit()
         if refusal is None:
-            self._spawn(self._infer_b(request, t0))
+            self._spawn(self._infer_b(request, t0, ttl_ms or self.config.request_timeout_ms))
             return
         ms = self._done("infer_b", refusal.code.value, t0, broker=False)
         self._put(ErrorResponseC(request.frame_id, ms, _text(refusal)).serialize(), "c")
 
-    async def _infer_b(self, request: RequestB, t0: float) -> None:
+    async def _infer_b(self, request: RequestB, t0: float, ttl_ms: int) -> None:
         try:
             answer = await self._ask(
                 "infer",
@@ -369,7 +394,7 @@ class Connection:
                 frame=request.frame_id,
                 opts=self._infer_opts(self.mode_b, audio=bool(request.audio)),
                 payload=(request.audio,) if request.audio else (),
-                ttl_ms=self.config.request_timeout_ms,
+                ttl_ms=ttl_ms,
             )
             image, bounds = _jpeg(answer), _bounds(answer)
         except ServiceError as exc:
@@ -461,6 +486,7 @@ class Connection:
                 [str(v) for v in r.get("videos", ())],
                 [float(b) for b in r.get("bounds") or ()],
                 audio_path=str(r.get("audio_path", "")),
+                serving=_serving(r) if self.said_hello else None,
             )
         except (TypeError, ValueError):
             raise ServiceError(ErrorCode.INTERNAL, "bad metadata from broker") from None
@@ -560,6 +586,7 @@ class Connection:
             return
         for key, value in settings.items():
             setattr(self, key, value)
+        self.said_hello = True
         self._done("hello", "ok", t0, broker=False)
         current: dict[str, Any] = {"mode_a": self.mode_a, "mode_b": self.mode_b}
         if self.quality is not None:
@@ -568,6 +595,7 @@ class Connection:
             current["video_quality"] = self.video_quality
         current["max_in_flight"] = self.config.max_in_flight
         current["max_message_bytes"] = self.config.max_message_bytes
+        current["max_deadline_ms"] = self.config.max_deadline_ms
         self._put_json(hello_message(min(version, PROTOCOL_VERSION), FEATURES, current))
 
 
@@ -595,6 +623,11 @@ def _model_name(request: JsonRequest) -> str:
     if not valid_model_name(request.model_name):
         raise ServiceError(ErrorCode.BAD_REQUEST, "bad model name")
     return request.model_name
+
+
+def _serving(result: dict[str, Any]) -> dict[str, int]:
+    """The broker's view of who serves a model, for clients of ours (``metadata``)."""
+    return {"workers": int(result.get("workers", 0)), "capacity": int(result.get("capacity", 0))}
 
 
 def _timing(timings: dict[str, Any], key: str) -> float:

@@ -14,6 +14,8 @@ Binary messages, all integers little-endian::
                   error form      u8 0 | u32 frame_id | u32 ms | u32 error_len | UTF-8 error
     D  response (video frame)     u8 2 | u32 frame_id | u8 type_len | video_type
                                        | u32 data_len | JPEG
+    B with a deadline (ours)      u8 0 | u8 2 | u32 deadline_ms | B request
+                                       (answered with C, like the B inside)
 
 A and B are told apart by bytes 1..3: a model name is 1..64 bytes of ``[A-Za-z0-9_.-]``, so
 in B (a small u32 length) they are zero and in A byte 1 is the name's first letter. A first
@@ -46,6 +48,8 @@ __all__ = [
     "C_HEADER",
     "D_HEADER",
     "D_LEN",
+    "DEADLINE",
+    "DEADLINE_HEADER",
     "EXTENSION",
     "MAX_AUDIO_BYTES",
     "MAX_BINARY_REQUEST_BYTES",
@@ -55,6 +59,7 @@ __all__ = [
     "MAX_VIDEO_TYPE_BYTES",
     "PREDICTION_DATA",
     "VIDEO_FRAME",
+    "DeadlineRequest",
     "ErrorResponseC",
     "F32",
     "JsonRequest",
@@ -98,6 +103,8 @@ MAX_VIDEO_TYPE_BYTES = 64
 
 EXTENSION = 0x00
 """First byte of this project's own client -> gateway binary messages (docs/streams.md)."""
+DEADLINE = 0x02
+"""Second byte of a B request with its own deadline (``0x01`` is a stream's audio)."""
 VIDEO_FRAME = 2
 """First byte of layout D. 0 and 1 are layout C; 3 and up are this project's own."""
 
@@ -112,6 +119,7 @@ B_U32 = struct.Struct("<I")
 C_HEADER = struct.Struct("<BIII")  # success, frame_id, processing_time_ms, image/error length
 D_HEADER = struct.Struct("<BIB")  # type = 2, frame_id, video_type length
 D_LEN = struct.Struct("<I")
+DEADLINE_HEADER = struct.Struct("<BBI")  # 0x00, 0x02, deadline_ms
 _F32 = struct.Struct("<f")
 
 _U32_MAX = 0xFFFFFFFF
@@ -224,6 +232,39 @@ class RequestB:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DeadlineRequest:
+    """Ours: a layout B request that asks for its own deadline, ``u8 0 | u8 2 |
+    u32 deadline_ms | B request``, answered with layout C like any B request. For clients
+    that render offline (a batch job, a server-to-server client) and would rather wait
+    than get ``deadline_exceeded``; the gateway bounds it (``max_deadline_ms``)."""
+
+    deadline_ms: int
+    request: RequestB
+
+    @classmethod
+    def parse(cls, data: bytes) -> DeadlineRequest:
+        if len(data) < DEADLINE_HEADER.size:
+            raise ProtocolError("truncated deadline request")
+        marker, kind, deadline_ms = DEADLINE_HEADER.unpack_from(data, 0)
+        if marker != EXTENSION or kind != DEADLINE:
+            raise ProtocolError("not a deadline request")
+        inner = data[DEADLINE_HEADER.size :]
+        if not _is_layout_b(inner):
+            raise ProtocolError("a deadline request must hold a layout B request")
+        return cls(deadline_ms, RequestB.parse(inner))
+
+    def serialize(self) -> bytes:
+        return (
+            DEADLINE_HEADER.pack(EXTENSION, DEADLINE, _u32(self.deadline_ms, "deadline_ms"))
+            + self.request.serialize()
+        )
+
+
+def _is_layout_b(data: bytes) -> bool:
+    return len(data) >= 4 and data[1:4] == b"\x00\x00\x00"
+
+
 def parse_binary_request(data: bytes) -> RequestA | RequestB:
     """Parse a client's binary message as layout A or B (told apart by bytes 1..3).
 
@@ -238,7 +279,7 @@ def parse_binary_request(data: bytes) -> RequestA | RequestB:
         raise ProtocolError("reserved extension message")
     if len(data) > MAX_BINARY_REQUEST_BYTES:
         raise ProtocolError("message too large")
-    if len(data) >= 4 and data[1:4] == b"\x00\x00\x00":
+    if _is_layout_b(data):
         return RequestB.parse(data)
     return RequestA.parse(data)
 
@@ -608,18 +649,23 @@ def metadata_message(
     available_videos: Sequence[str],
     bounds: Sequence[float],
     audio_path: str = "",
+    serving: Mapping[str, Any] | None = None,
 ) -> str:
-    return dumps(
-        {
-            "type": "metadata",
-            "success": True,
-            "model_name": model_name,
-            "frame_count": frame_count,
-            "available_videos": list(available_videos),
-            "audio_path": audio_path,
-            "bounds": _bounds(bounds),
-        }
-    )
+    """The original answer; ``serving`` (ours, only for clients that said ``hello``) is
+    appended after the original fields: how many workers hold the model and how many
+    requests they may hold at once (what a pipelining client should keep in flight)."""
+    message: dict[str, Any] = {
+        "type": "metadata",
+        "success": True,
+        "model_name": model_name,
+        "frame_count": frame_count,
+        "available_videos": list(available_videos),
+        "audio_path": audio_path,
+        "bounds": _bounds(bounds),
+    }
+    if serving is not None:
+        message["serving"] = dict(serving)
+    return dumps(message)
 
 
 def metadata_error_message(model_name: str, error: str) -> str:

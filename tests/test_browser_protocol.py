@@ -15,6 +15,7 @@ from shared.browser import (
     MAX_AUDIO_BYTES,
     MAX_BINARY_REQUEST_BYTES,
     MAX_JSON_BYTES,
+    DeadlineRequest,
     ErrorResponseC,
     JsonRequest,
     ProtocolError,
@@ -317,6 +318,13 @@ def test_metadata_text():
         '{"type":"metadata","success":true,"model_name":"a","frame_count":16,'
         '"available_videos":["full_body"],"audio_path":"","bounds":[1.5,2,3,0.1]}'
     )
+    # ours, for clients that said hello: appended after the original fields
+    serving = {"workers": 2, "capacity": 16}
+    assert metadata_message("a", 16, ["full_body"], [1, 2, 3, 4], serving=serving) == (
+        '{"type":"metadata","success":true,"model_name":"a","frame_count":16,'
+        '"available_videos":["full_body"],"audio_path":"","bounds":[1,2,3,4],'
+        '"serving":{"workers":2,"capacity":16}}'
+    )
     assert metadata_error_message("a", "e") == (
         '{"type":"metadata","success":false,"model_name":"a","error":"e"}'
     )
@@ -367,6 +375,40 @@ def test_lone_surrogates_become_replacement_characters():
 
 
 # -- fuzz: parsers raise ProtocolError and nothing else -------------------------------------
+
+
+# -- ours: a B request with its own deadline ---------------------------------------------------
+
+
+def test_deadline_request_bytes_both_ways():
+    data = b"\x00\x02" + struct.pack("<I", 60_000) + B_BYTES
+    wrapped = DeadlineRequest(60_000, RequestB.parse(B_BYTES))
+    assert wrapped.serialize() == data
+    assert DeadlineRequest.parse(data) == wrapped
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x00\x02\x10\x27", "truncated deadline request"),
+        (b"\x00\x01" + struct.pack("<I", 5) + B_BYTES, "not a deadline request"),
+        (b"\x00\x02" + struct.pack("<I", 5) + A_BYTES, "must hold a layout B request"),
+        (b"\x00\x02" + struct.pack("<I", 5), "must hold a layout B request"),
+        (b"\x00\x02" + struct.pack("<I", 5) + B_BYTES + b"x", "trailing bytes"),
+    ],
+)
+def test_deadline_request_rejects(data, message):
+    with pytest.raises(ProtocolError, match=message):
+        DeadlineRequest.parse(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_fuzz_deadline_request(data):
+    try:
+        DeadlineRequest.parse(b"\x00\x02" + data)
+    except ProtocolError:
+        pass
 
 
 @settings(max_examples=400, deadline=None)

@@ -84,6 +84,20 @@ async def test_batch_of_32_equals_32_single_requests(client):
     assert {f.frame_id: f.jpeg for f in unordered} == {f.frame_id: f.jpeg for f in singles}
 
 
+async def test_window_and_deadline_per_request(client):
+    """The default window is what the model's one worker may hold (capacity 2 x max batch
+    1); a request may ask for its own deadline within the gateway's bound, and the client
+    refuses one beyond it before sending anything."""
+    assert await client.serving_window(MODEL) == 2
+    assert client.max_deadline_ms == 60_000
+    frame = await client.infer(MODEL, 3, deadline_ms=45_000)
+    assert frame.frame_id == 3 and frame.jpeg == (await client.infer(MODEL, 3)).jpeg
+    frames = await client.infer_batch(MODEL, range(4), deadline_ms=45_000)
+    assert [f.frame_id for f in frames] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="deadline_ms must be an integer in 1..60000"):
+        await client.infer(MODEL, 3, deadline_ms=60_001)
+
+
 async def test_repeated_frame_ids_in_one_batch_are_not_mixed_up(client):
     ids = [5, 5, 7, 5, 7]
     frames = await client.infer_batch(MODEL, ids)

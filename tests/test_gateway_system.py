@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from shared.browser import (
+    DeadlineRequest,
     ErrorResponseC,
     RequestA,
     RequestB,
@@ -280,6 +281,44 @@ async def test_a_answers_in_request_order(system):
     assert [len(a) for a in answers] == [0 if f >= 100 else len(JPEG) for f in frames]
     assert all(a == JPEG for a in answers if a)
     assert metric(port, "lipsync_gateway_reordered_answers_total") > before
+
+
+async def test_a_request_may_ask_for_a_longer_deadline(system):
+    """A gateway whose default deadline (1 ms) is over before any worker could start: a
+    plain B request fails ``deadline_exceeded``; the same request asking for 3 s (ours,
+    ``0x00 0x02``) is served by the slow model (250 ms); one asking for more than the
+    gateway allows is refused, naming the bound."""
+    sys_, _ = system
+    _, port = sys_.start_gateway(
+        env={"LIPSYNC_REQUEST_TIMEOUT_MS": "1", "LIPSYNC_MAX_DEADLINE_MS": "5000"}
+    )
+    async with connect(url(port)) as ws:
+        hello = json.loads(await ask(ws, '{"type":"hello","version":1}'))
+        assert "deadlines" in hello["features"] and hello["max_deadline_ms"] == 5000
+        plain = parse_inference_response(await ask(ws, RequestB("slow", 1).serialize()))
+        assert isinstance(plain, ErrorResponseC)
+        assert plain.error.startswith("deadline_exceeded: ")
+        longer = DeadlineRequest(3000, RequestB("slow", 2)).serialize()
+        answer = parse_inference_response(await ask(ws, longer))
+        assert answer == ResponseC(2, answer.processing_time_ms, JPEG, BOUNDS)
+        too_long = DeadlineRequest(5001, RequestB("slow", 3)).serialize()
+        refused = parse_inference_response(await ask(ws, too_long))
+        assert refused == ErrorResponseC(
+            3,
+            refused.processing_time_ms,
+            "bad_request: deadline_ms must be 1..5000 on this gateway",
+        )
+
+
+async def test_metadata_says_who_serves_a_model_to_clients_that_said_hello(system):
+    """The original answer stays byte for byte (test_metadata); after ``hello`` it also
+    says how many workers hold the model and what they may hold at once."""
+    _, port = system
+    async with connect(url(port)) as ws:
+        await ask(ws, '{"type":"hello","version":1}')
+        answer = json.loads(await ask(ws, '{"type":"get_metadata","model_name":"demo"}'))
+    # two null workers hold demo, each with the default capacity (2 x max batch 4)
+    assert answer["serving"] == {"workers": 2, "capacity": 16}
 
 
 # -- limits ----------------------------------------------------------------------------------

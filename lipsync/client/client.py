@@ -51,6 +51,7 @@ from lipsync.client.results import (
 from lipsync.client.streaming import Stream
 from shared.browser import (
     MAX_AUDIO_BYTES,
+    DeadlineRequest,
     ErrorResponseC,
     ProtocolError,
     RequestB,
@@ -80,6 +81,8 @@ ADMIN_TIMEOUT_S = 75.0
 MAX_MESSAGE_BYTES = 32 << 20
 MODES = ("crop", "composite")
 AUDIO_RATE = 24_000
+DEADLINE_GRACE_S = 5.0
+"""With a deadline of its own, a request is waited for that long plus this."""
 """Layout B audio: int16 LE mono PCM at 24 kHz, 640 ms centred on the frame."""
 
 Key = tuple[Any, ...]
@@ -123,6 +126,7 @@ class LipsyncClient:
         self.open_timeout = open_timeout
         self.features: tuple[str, ...] = ()
         self.max_in_flight = 1
+        self.max_deadline_ms = 0  # the longest deadline_ms the gateway accepts
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[Key, asyncio.Future[Any]] = {}
@@ -181,6 +185,8 @@ class LipsyncClient:
         self.max_in_flight = limit if isinstance(limit, int) and limit > 0 else 1
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self.features = tuple(str(f) for f in hello.get("features") or ())
+        most = hello.get("max_deadline_ms")
+        self.max_deadline_ms = most if isinstance(most, int) and "deadlines" in self.features else 0
 
     async def close(self) -> None:
         """Close the connection; calls still waiting fail with ``ConnectionLost``."""
@@ -244,12 +250,16 @@ class LipsyncClient:
         mode: str = "crop",
         *,
         timeout: float | None = None,
+        deadline_ms: int | None = None,
     ) -> Frame:
         """Frame ``frame_id`` of model ``name`` with its mouth moved by ``audio`` (int16 LE
         mono PCM at 24 kHz, 640 ms centred on the frame: 8 frames before, the frame, 7
         after, as the original page sends it) or, without audio, by the avatar's own
         recorded audio. ``mode``: ``crop`` (the face rectangle, draw it at ``bounds``) or
-        ``composite`` (the whole frame)."""
+        ``composite`` (the whole frame). ``deadline_ms``: how long the server may take
+        (default: the gateway's, 2 s; at most ``max_deadline_ms``), for offline rendering
+        that would rather wait than get ``deadline_exceeded``; the wait for the answer is
+        then at least that long too."""
         _check_name(name)
         _check_frame(frame_id, 2**32 - 1)
         if mode not in MODES:
@@ -257,7 +267,12 @@ class LipsyncClient:
         pcm = bytes(audio or b"")
         if len(pcm) % 2 or len(pcm) > MAX_AUDIO_BYTES:
             raise ValueError(f"audio must be int16 PCM of at most {MAX_AUDIO_BYTES} bytes")
-        data = RequestB(name, frame_id, pcm).serialize()
+        request = RequestB(name, frame_id, pcm)
+        data = request.serialize()
+        if deadline_ms is not None:
+            data = self._with_deadline(deadline_ms, request)
+            wait = self.timeout if timeout is None else timeout
+            timeout = max(wait, deadline_ms / 1000 + DEADLINE_GRACE_S)
         answer = await self._call(("c", frame_id), data, timeout, mode=mode)
         if isinstance(answer, ErrorResponseC):
             raise parse_error(answer.error)
@@ -282,24 +297,40 @@ class LipsyncClient:
         timeout: float | None = None,
         return_exceptions: bool = False,
         window: int | None = None,
+        deadline_ms: int | None = None,
     ) -> Batch:
-        """Many frames over this one connection, pipelined (as many in flight as the gateway
-        allows). ``audio``, if given, holds one clip (or None) per frame id.
+        """Many frames over this one connection, pipelined. ``audio``, if given, holds one
+        clip (or None) per frame id.
 
         ``async for frame in c.infer_batch(...)`` yields results in ``frame_ids`` order
         (``ordered=True``) or as they complete; ``await c.infer_batch(...)`` returns the
         list in order. A failed frame raises its error where it would be yielded, unless
-        ``return_exceptions`` (then the ``LipsyncError`` takes its place). ``window``
-        caps the requests in flight (default: the gateway's per-connection limit); a
-        window near the workers' capacity keeps queued requests from outliving the
-        gateway's deadline when the batch is much larger than what they serve in it."""
+        ``return_exceptions`` (then the ``LipsyncError`` takes its place).
+
+        ``window`` caps the requests in flight. The default is what the workers holding
+        the model may hold at once (the ``capacity`` the gateway reports in
+        ``metadata``), within the gateway's per-connection limit: more would only wait in
+        the broker's queue, and a request that waits there longer than its deadline
+        fails although the workers serve every frame they are given. ``deadline_ms`` is
+        each request's deadline (see :meth:`infer`)."""
         ids = list(frame_ids)
         clips: list[bytes | None] = list(audio) if audio is not None else [None] * len(ids)
         if len(clips) != len(ids):
             raise ValueError("audio must hold one clip (or None) per frame id")
         if window is not None and window < 1:
             raise ValueError("window must be at least 1")
-        return Batch(self, name, ids, clips, ordered, mode, timeout, return_exceptions, window)
+        return Batch(
+            self, name, ids, clips, ordered, mode, timeout, return_exceptions, window, deadline_ms
+        )
+
+    async def serving_window(self, name: str, *, timeout: float | None = None) -> int:
+        """How many requests for ``name`` to keep in flight: the capacity of the workers
+        that hold it, as the broker knows it, within the gateway's per-connection limit
+        (that limit alone when the gateway does not say)."""
+        meta = await self.metadata(name, timeout=timeout)
+        if meta.capacity < 1:
+            return self.max_in_flight
+        return max(1, min(self.max_in_flight, meta.capacity))
 
     async def stats(self, *, timeout: float | None = None) -> Stats:
         """``get_stats``: gateway counters plus per-model statistics (``model_stats``)."""
@@ -406,6 +437,13 @@ class LipsyncClient:
         return result
 
     # -- request machinery -------------------------------------------------------------------
+
+    def _with_deadline(self, deadline_ms: int, request: RequestB) -> bytes:
+        if self.max_deadline_ms < 1:
+            raise ValueError("this gateway does not take per-request deadlines")
+        if not isinstance(deadline_ms, int) or not 1 <= deadline_ms <= self.max_deadline_ms:
+            raise ValueError(f"deadline_ms must be an integer in 1..{self.max_deadline_ms}")
+        return DeadlineRequest(deadline_ms, request).serialize()
 
     def _open_ws(self) -> ClientConnection:
         if self._lost is not None:
@@ -599,9 +637,11 @@ class Batch:
         timeout: float | None,
         return_exceptions: bool,
         window: int | None = None,
+        deadline_ms: int | None = None,
     ) -> None:
         self._args = (client, name, frame_ids, clips, mode, timeout)
         self.window = window
+        self.deadline_ms = deadline_ms
         self.ordered = ordered
         self.return_exceptions = return_exceptions
 
@@ -610,11 +650,17 @@ class Batch:
 
     async def __aiter__(self) -> AsyncIterator[Frame | LipsyncError]:
         client, name, frame_ids, clips, mode, timeout = self._args
-        gate = asyncio.Semaphore(self.window or len(frame_ids) or 1)
+        window = self.window
+        if window is None and frame_ids:
+            window = await client.serving_window(name, timeout=timeout)
+        gate = asyncio.Semaphore(window or 1)
+        deadline_ms = self.deadline_ms
 
         async def one(i: int, clip: bytes | None) -> Frame:
             async with gate:
-                return await client.infer(name, i, clip, mode, timeout=timeout)
+                return await client.infer(
+                    name, i, clip, mode, timeout=timeout, deadline_ms=deadline_ms
+                )
 
         tasks = [
             asyncio.ensure_future(one(i, clip)) for i, clip in zip(frame_ids, clips, strict=True)

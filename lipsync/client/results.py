@@ -80,15 +80,20 @@ class Metadata:
     available_videos: tuple[str, ...]
     audio_path: str
     bounds: Bounds
+    workers: int = 0  # how many workers hold the model (0: the gateway did not say)
+    capacity: int = 0  # how many requests they may hold at once, all together
 
     @classmethod
     def from_json(cls, m: dict[str, Any]) -> Metadata:
+        serving = m.get("serving") if isinstance(m.get("serving"), dict) else {}
         return cls(
             model_name=str(m.get("model_name", "")),
             frame_count=_int(m.get("frame_count")),
             available_videos=tuple(str(v) for v in m.get("available_videos") or ()),
             audio_path=str(m.get("audio_path", "")),
             bounds=_bounds(m.get("bounds")),
+            workers=_int(serving.get("workers")),
+            capacity=_int(serving.get("capacity")),
         )
 
 
