@@ -88,7 +88,7 @@ FEATURES = (
     "deadlines",
 )
 """What ``hello`` offers (``streams``, ``tagged_frames``: docs/streams.md; ``deadlines``:
-B requests with their own deadline, docs/protocol.md section 5)."""
+B requests with their own deadline, docs/protocol.md section 4)."""
 
 STREAM_TYPES = frozenset({"stream_start", "stream_stop", "stream_interrupt"})
 MODES = ("crop", "composite")
@@ -139,6 +139,7 @@ class Connection:
         )
         self.sequencer = Sequencer(max_bytes=held_bytes)
         self.overflowed = False  # closed for holding too many undelivered answers
+        self._closer: asyncio.Future[None] | None = None  # that close, held till done
         self.tasks: set[asyncio.Task[None]] = set()
         # server-driven streams (docs/streams.md): their own bounds, not max_in_flight
         self.streams = gateway.streams.connection(
@@ -242,7 +243,7 @@ class Connection:
             len(self.outbox),
             CLOSE_OVERFLOW,
         )
-        asyncio.ensure_future(self.ws.close(CLOSE_OVERFLOW, reason))
+        self._closer = asyncio.ensure_future(self.ws.close(CLOSE_OVERFLOW, reason))
 
     def _on_drop(self, kind: str) -> None:
         self.metrics.dropped.labels(kind).inc()
