@@ -83,6 +83,23 @@ def same(a, b) -> bool:
     return a.shape == b.shape and np.array_equal(a, b)
 
 
+def compare(expected: list[list], got: list[list]) -> tuple[int, int, int]:
+    """(largest difference, values that differ, values) over all pictures; errors must
+    be the same errors."""
+    largest = differing = total = 0
+    for want_batch, got_batch in zip(expected, got, strict=True):
+        for w, g in zip(want_batch, got_batch, strict=True):
+            if isinstance(w, BaseException):
+                assert same(w, g)
+                continue
+            assert w.shape == g.shape
+            diff = np.abs(w.astype(int) - g.astype(int))
+            largest = max(largest, int(diff.max()))
+            differing += int((diff > 0).sum())
+            total += diff.size
+    return largest, differing, total
+
+
 def test_device_staging_gives_the_host_paths_pixels(tiny_package, expected):
     """Frames resident on the device (here: cpu), batches index-selected there, OpenCV
     paste-back: exactly today's pixels."""
@@ -93,8 +110,7 @@ def test_device_staging_gives_the_host_paths_pixels(tiny_package, expected):
         got = render_all(b, batches())
     finally:
         b.close()
-    for want_batch, got_batch in zip(expected, got, strict=True):
-        assert all(same(w, g) for w, g in zip(want_batch, got_batch, strict=True))
+    assert compare(expected, got)[0] == 0
 
 
 def test_device_paste_is_within_one_grey_level(tiny_package, expected):
@@ -104,17 +120,8 @@ def test_device_paste_is_within_one_grey_level(tiny_package, expected):
         got = render_all(b, batches())
     finally:
         b.close()
-    differing = total = 0
-    for want_batch, got_batch in zip(expected, got, strict=True):
-        for w, g in zip(want_batch, got_batch, strict=True):
-            if isinstance(w, BaseException):
-                assert same(w, g)
-                continue
-            assert w.shape == g.shape
-            diff = np.abs(w.astype(int) - g.astype(int))
-            assert diff.max() <= 1
-            differing += int((diff > 0).sum())
-            total += diff.size
+    largest, differing, total = compare(expected, got)
+    assert largest <= 1
     assert differing < 0.001 * total  # measured: a few values in 10^5
 
 
@@ -133,8 +140,7 @@ def test_bucket_padding_returns_the_unpadded_frames(tiny_package, expected):
     finally:
         b.close()
     assert [len(g) for g in batches()] == [3, 2, 2, 2, 4]  # padded: 3 -> 4; 1 good -> 1
-    for want_batch, got_batch in zip(expected, got, strict=True):
-        assert all(same(w, g) for w, g in zip(want_batch, got_batch, strict=True))
+    assert compare(expected, got)[0] == 0
 
 
 @pytest.mark.parametrize("paste", ["device", "host"])
@@ -194,12 +200,7 @@ def test_budget_keeps_what_fits_and_stages_the_rest(tiny_package, expected, capl
         got = render_all(b, batches())
     finally:
         b.close()
-    for want_batch, got_batch in zip(expected, got, strict=True):
-        for w, g in zip(want_batch, got_batch, strict=True):
-            if isinstance(w, BaseException):
-                assert same(w, g)
-            else:
-                assert np.abs(w.astype(int) - g.astype(int)).max() <= 1
+    assert compare(expected, got)[0] <= 1
     nothing = TorchBackend(tiny_package, device="cpu", resident=True, gpu_frames_mb=0)
     nothing.load("tiny")
     assert nothing.resident_videos("tiny") == []
@@ -260,12 +261,7 @@ def test_cuda_path_matches_the_host_path(tiny_package, expected):
         got = render_all(b, batches())
     finally:
         b.close()
-    for want_batch, got_batch in zip(expected, got, strict=True):
-        for w, g in zip(want_batch, got_batch, strict=True):
-            if isinstance(w, BaseException):
-                assert same(w, g)
-            else:
-                assert np.abs(w.astype(int) - g.astype(int)).max() <= 2
+    assert compare(expected, got)[0] <= 2
 
 
 @pytest.mark.gpu
