@@ -149,6 +149,7 @@ class _State:
     tensors: list[torch.Tensor] = field(default_factory=list)
     host: list[torch.Tensor | None] = field(default_factory=list)  # host copies in flight
     item_timings: list[dict[str, float]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # the batch's ms per stage
 
     def add(self, t: torch.Tensor, host: torch.Tensor | None = None) -> int:
         self.tensors.append(t)
@@ -445,7 +446,16 @@ class TorchBackend:
         if on_device:
             assert state is not None
             self._encode_on_device(batch, state, on_device, results)
+        if state is not None:
+            state.stages = _batch_stages(state, results)
         return [r if r is not None else _not_computed() for r in results]
+
+    def stages(self, batch: ForwardBatch) -> dict[str, float]:
+        """Milliseconds an encoded batch spent per stage (``prepare``, ``inference``,
+        ``composite``, ``encode``), whole-batch stages counted once and per-item ones
+        summed; for benchmarks. Empty before ``encode``."""
+        state: _State | None = batch.state
+        return dict(state.stages) if state is not None else {}
 
     def video_frame(self, model: str, frame_id: int, video_type: str, quality: int) -> bytes:
         m = self._get(model)
@@ -861,6 +871,28 @@ def _log_once(fmt: str, *args: Any) -> None:
     if fmt not in _logged:
         _logged.add(fmt)
         log.warning(fmt, *args)
+
+
+def _batch_stages(
+    state: _State, results: Sequence[InferResult | BaseException | None]
+) -> dict[str, float]:
+    """``stages``: the device stages once per batch (every item carries the batch's
+    figure), host paste-back and JPEG summed over the items."""
+    d = state.clock.durations()
+    out = {
+        "prepare": d.get("audio", 0.0) + d.get("stage", 0.0),
+        "inference": d.get("model", 0.0),
+        "composite": d.get("paste", 0.0),
+        "encode": 0.0,
+    }
+    for k, result in enumerate(results):
+        slot = state.slots[k]
+        if not isinstance(result, InferResult):
+            continue
+        out["encode"] += result.timings.get("encode", 0.0)
+        if slot is not None and slot.host_paste:
+            out["composite"] += result.timings.get("composite", 0.0)
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _not_computed() -> ServiceError:
