@@ -393,6 +393,8 @@ class TorchBackend:
             raise
         if not self.overlap:
             state.ready.wait()
+        # Host time to check, stage and enqueue (on CPU: to compute) the batch; each item's
+        # own stage times replace it in encode, once the device has done the work.
         timing = {"prepare": _ms(time.perf_counter() - t0)}
         batch.timings = dict(timing)
         state.item_timings = [dict(timing) for _ in items]
@@ -781,7 +783,7 @@ class TorchBackend:
         d = state.clock.durations()
         prepare = d.get("audio", 0.0) + d.get("stage", 0.0)
         for k, timings in enumerate(state.item_timings):
-            timings["prepare"] = round(timings.get("prepare", 0.0) + prepare, 3)
+            timings["prepare"] = round(prepare, 3)
             timings["inference"] = round(d.get("model", 0.0), 3)
             slot = state.slots[k]
             if slot is not None and not slot.host_paste:
@@ -927,10 +929,12 @@ def _bounds(rect: Sequence[int]) -> _Bounds:
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``x[rows]``, as a view when the rows are the whole batch (the usual miss)."""
+    """``x[rows]``, as a view when the rows are the whole batch (the usual miss). The index
+    goes up through ``to_device``: indexing a CUDA tensor with a Python list uploads it
+    with a copy that waits for the stream."""
     if rows == list(range(x.shape[0])):
         return x
-    return x[rows]
+    return x.index_select(0, to_device(rows, x.device))
 
 
 def _paste(

@@ -115,7 +115,9 @@ class StaticRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         for b in reversed(self.buckets):  # largest first: the smaller reuse its memory
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: the encode thread may copy or wait on the device meanwhile (a
+            # package loaded while batches are in flight); that must not void the capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self.fn(*(t[:b] for t in self.inputs))
             self._graphs[b] = graph
             self._outputs[b] = out

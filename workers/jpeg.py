@@ -15,7 +15,11 @@ on a GPU).
 
 torchvision's encoder runs on its own CUDA stream and does not wait for the caller's: the
 images handed to ``DeviceJpeg.encode`` must already be computed (the engine waits on the
-batch's event first). It is synchronous: it returns once the bytes are on the host.
+batch's event first), and the planar copies made here are waited for before encoding. It
+hands the bytes back on the legacy default stream, so ``DeviceJpeg.encode`` must run on a
+thread whose current stream is the default one (the runtime's encode thread: the engine's
+own stream is set only on the compute thread). It returns once the bytes are on the
+host.
 """
 
 from __future__ import annotations
@@ -65,12 +69,23 @@ class DeviceJpeg:
         by_quality: dict[int, list[int]] = {}
         for k, q in enumerate(qualities):
             by_quality.setdefault(int(q), []).append(k)
-        for quality, ks in by_quality.items():
-            # HWC BGR -> CHW RGB, contiguous (nvJPEG needs planar contiguous input).
-            chw = [images[k].permute(2, 0, 1).flip(0).contiguous() for k in ks]
-            encoded = self._encode_jpeg(chw, quality=quality)
-            for k, data in zip(ks, encoded, strict=True):
-                out[k] = data.cpu().numpy().tobytes()
+        if not images:
+            return []
+        device = images[0].device
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            for quality, ks in by_quality.items():
+                # HWC BGR -> CHW RGB, contiguous (nvJPEG needs planar contiguous input).
+                chw = [images[k].permute(2, 0, 1).flip(0).contiguous() for k in ks]
+                # torchvision encodes on a stream of its own that does not wait for this
+                # one: the planar copies must be done first.
+                stream.synchronize()
+                encoded = self._encode_jpeg(chw, quality=quality)
+                for k, data in zip(ks, encoded, strict=True):
+                    out[k] = data.cpu().numpy().tobytes()
+        missing = [k for k, b in enumerate(out) if b is None]
+        if missing:
+            raise RuntimeError(f"nvJPEG returned nothing for images {missing}")
         return [b for b in out if b is not None]
 
 
