@@ -156,7 +156,13 @@ def test_overlapping_batches_give_the_same_results(tiny_package, paste):
 
     def run(ahead: bool) -> list[list]:
         b = TorchBackend(
-            tiny_package, device="cpu", max_batch=4, resident=True, pad=True, paste=paste
+            tiny_package,
+            device="cpu",
+            max_batch=4,
+            resident=True,
+            pad=True,
+            paste=paste,
+            overlap=ahead,  # off: forward waits for the device (a no-op on CPU)
         )
         b.load("tiny")
         try:

@@ -92,7 +92,8 @@ DEFAULT_SKIP_CACHE_MB = WorkerConfig.skip_cache_mb
 """Per model: every frame of a 100-frame quarter-width avatar in float32 (4.9 MB each), or
 about 50 frames of a full-width one in fp16. See ``workers.skipcache``."""
 DEFAULT_GPU_FRAMES_MB = WorkerConfig.gpu_frames_mb
-"""Per model: all four videos of a 600-frame 1280x720 avatar. See ``workers.resident``."""
+"""Per model: all four videos of an avatar of up to about 580 frames at 1280x720 (3.7 MB a
+frame). See ``workers.resident``."""
 _MODES = ("crop", "composite")
 _PASTES = ("auto", "host", "device")
 

@@ -10,7 +10,8 @@ What goes up, in this order, while it fits in ``--gpu-frames-mb``: the model inp
 and masked ROI, always together: the forward needs both), the 328 crops (paste-back), the
 full frames (composite mode, and feathered paste-back). What does not fit stays on the
 host and that step falls back to host staging, with a log line that says which. A 523-frame
-1280×720 avatar needs 1.7 GB for all four; its model inputs alone, 320 MB.
+1280×720 avatar needs 1.9 GB for all four (3.7 MB a frame, three quarters of it the full
+frame); its model inputs alone, 320 MB.
 
 ``plan_residency`` is the decision, with no I/O; ``DeviceFrames.upload`` does it.
 """
