@@ -51,6 +51,8 @@ def _worker(args: argparse.Namespace) -> int:
             null_delay_ms=args.null_delay_ms,
             threads=args.threads,
             skip_cache_mb=args.skip_cache_mb,
+            gpu_frames_mb=args.gpu_frames_mb,
+            cuda_graphs=args.cuda_graphs,
             worker_id=args.worker_id,
             curve_server_key=args.curve_server_key,
             log_level=args.log_level,
@@ -179,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="per model: memory for each frame's image features, kept so a frame's image "
         "half runs once (default 512; 0 turns it off)",
+    )
+    p.add_argument(
+        "--gpu-frames-mb",
+        type=float,
+        help="per model, on CUDA: memory for the avatar's frames on the GPU (model inputs, "
+        "then crops, then full frames; what does not fit is staged from the host; "
+        "default 2048)",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="run the decoder eagerly on CUDA instead of replaying CUDA graphs",
     )
     p.add_argument("--worker-id", help="name shown in stats (default host:pid)")
     p.add_argument("--curve-server-key", help="broker's public CURVE key (z85)")

@@ -59,6 +59,8 @@ class WorkerConfig:
     jpeg_quality: int = 85
     threads: int = 0  # torch intra-op threads; 0 = torch default
     skip_cache_mb: float = 512.0  # per model, image-half features per frame (workers.skipcache)
+    gpu_frames_mb: float = 2048.0  # per model, avatar frames held on a CUDA device
+    cuda_graphs: bool = True  # replay the decoder from CUDA graphs (CUDA only)
     worker_id: str = ""  # empty = host:pid
     curve_server_key: str = ""  # broker's public CURVE key (z85) when it uses CURVE
     log_level: str = "INFO"

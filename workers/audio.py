@@ -29,6 +29,7 @@ import torch
 
 from workers.audio_encoder import FEATURE_DIM, AudioEncoder
 from workers.mel import FPS, SAMPLE_RATE, mel_windows, melspectrogram, pcm_to_float, resample_to_16k
+from workers.transfer import to_device
 from workers.unet import AUDIO_CHANNELS, prepare_module
 
 
@@ -41,6 +42,7 @@ __all__ = [
     "audio_window",
     "audio_windows",
     "frames_in",
+    "layout_b_mels",
 ]
 
 CONTEXT_BEFORE = 8
@@ -77,6 +79,16 @@ def audio_windows(features: np.ndarray, indices: Sequence[int]) -> np.ndarray:
     return np.stack([audio_window(features, int(i)) for i in indices])
 
 
+def layout_b_mels(pcm: Pcm, sr: int, fps: float = FPS) -> np.ndarray:
+    """The encoder input of one layout B clip (640 ms centred on its frame): the mel
+    windows ``[16, 80, 16]`` of its 16 frames. Raises ``ValueError`` for a clip that is
+    not usable audio."""
+    y16 = resample_to_16k(pcm_to_float(pcm), sr)
+    if not len(y16):
+        raise ValueError("audio clip is empty")
+    return mel_windows(melspectrogram(y16, SAMPLE_RATE), WINDOW_ROWS, fps)
+
+
 def frames_in(n_samples_16k: int, fps: float = FPS) -> int:
     """Video frames that start inside ``n_samples_16k`` samples of 16 kHz audio."""
     return max(0, math.ceil(n_samples_16k * fps / SAMPLE_RATE - 1e-9))
@@ -106,14 +118,18 @@ class AudioFeaturizer:
 
     def encode(self, windows: np.ndarray) -> np.ndarray:
         """Mel windows ``[N, 80, 16]`` → features ``[N, 512]`` float32."""
-        out = np.empty((windows.shape[0], FEATURE_DIM), dtype=np.float32)
+        return self.encode_tensor(windows).cpu().numpy()
+
+    def encode_tensor(self, windows: np.ndarray) -> torch.Tensor:
+        """Mel windows ``[N, 80, 16]`` → features ``[N, 512]`` float32 on the encoder's
+        device, in batches of ``max_batch``, without waiting for the device (the upload
+        goes through pinned memory; see ``workers.transfer``)."""
         with torch.inference_mode():
+            out = torch.empty((windows.shape[0], FEATURE_DIM), device=self.device)
             for start in range(0, windows.shape[0], self.max_batch):
-                chunk = torch.from_numpy(
-                    np.ascontiguousarray(windows[start : start + self.max_batch])
-                )
-                feats = self.encoder(chunk.to(self.device).unsqueeze(1))
-                out[start : start + chunk.shape[0]] = feats.float().cpu().numpy()
+                chunk = np.ascontiguousarray(windows[start : start + self.max_batch])
+                mel = to_device(chunk, self.device, torch.float32)
+                out[start : start + chunk.shape[0]] = self.encoder(mel.unsqueeze(1)).float()
         return out
 
     def features_from_pcm(
@@ -142,12 +158,7 @@ class AudioFeaturizer:
             raise ValueError(f"{len(pcms)} clips but {len(rates)} sample rates")
         if not pcms:
             return np.zeros((0, *_FOLD), dtype=np.float32)
-        windows = []
-        for pcm, rate in zip(pcms, rates, strict=True):
-            y16 = resample_to_16k(pcm_to_float(pcm), rate)
-            if not len(y16):
-                raise ValueError("audio clip is empty")
-            windows.append(mel_windows(melspectrogram(y16, SAMPLE_RATE), WINDOW_ROWS, fps))
+        windows = [layout_b_mels(pcm, rate, fps) for pcm, rate in zip(pcms, rates, strict=True)]
         feats = self.encode(np.concatenate(windows))
         return feats.reshape(len(pcms), *_FOLD)
 

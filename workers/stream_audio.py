@@ -31,9 +31,10 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from shared.errors import ErrorCode, ServiceError
 from shared.streamtime import (
@@ -47,16 +48,19 @@ from shared.streamtime import (
     row_span_16k,
 )
 from workers.audio import AudioFeaturizer
-from workers.audio_encoder import FEATURE_DIM
+from workers.audio_encoder import FEATURE_DIM, MEL_BANDS
 from workers.backend import InferItem
 from workers.mel import WINDOW_STEPS, melspectrogram, pcm_to_float, resample_to_16k
+from workers.transfer import to_device
 
 
 __all__ = [
     "DEFAULT_CACHE_ROWS",
     "StreamAudio",
+    "StreamBatch",
     "StreamClip",
     "stream_audio_for",
+    "stream_clips",
     "stream_windows",
 ]
 
@@ -65,6 +69,7 @@ DEFAULT_CACHE_ROWS = 8192
 covers hundreds of concurrent streams on one worker."""
 
 _FOLD = (2 * WINDOW_STEPS, 16, 16)  # 16 rows x 512 = 32 x 16 x 16
+_ROWS = CONTEXT_BEFORE + 1 + CONTEXT_AFTER  # 16
 _PRE = 3  # mel frames before a window's first that a sub-clip starts at: covers pre-emphasis
 _MAX_CLIP_S = 4.0
 
@@ -80,9 +85,29 @@ class StreamClip:
     stream: str | None = None  # cache key; None: no caching
 
 
+@dataclass(eq=False, slots=True)
+class StreamBatch:
+    """One batch's stream clips, planned: the mel windows still to encode, and where each
+    of the clips' 16 rows comes from (a zero row, a cached row, or a fresh encoding).
+
+    Positions are ``clip * 16 + row slot`` in the batch's ``[n * 16, 512]`` rows.
+    """
+
+    n: int
+    mels: list[np.ndarray] = field(default_factory=list)  # [80, 16] each, to encode
+    errors: dict[int, ServiceError] = field(default_factory=dict)  # per clip that failed
+    cached_pos: list[int] = field(default_factory=list)
+    cached_slot: list[int] = field(default_factory=list)  # rows of the cache table
+    fresh_pos: list[int] = field(default_factory=list)
+    fresh_mel: list[int] = field(default_factory=list)  # index into ``mels``
+    writes: dict[int, int] = field(default_factory=dict)  # table row -> index into ``mels``
+
+
 class StreamAudio:
     """Windows for stream frames of one model, with the ``(stream, row)`` LRU.
 
+    The cached rows live in one table on the encoder's device (``cache_rows`` x 512
+    float32), so a batch's windows are put together there: no row goes back to the host.
     Not thread-safe: call it from the thread that runs the model (the engine's forward).
     """
 
@@ -94,7 +119,9 @@ class StreamAudio:
         self.featurizer = featurizer
         self.fps = float(fps)
         self.cache_rows = max(0, cache_rows)
-        self._rows: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._rows: OrderedDict[tuple[str, int], int] = OrderedDict()  # key -> table row
+        self._free = list(range(self.cache_rows - 1, -1, -1))
+        self._table: torch.Tensor | None = None  # [cache_rows, 512], made on first use
         self.encoded = 0  # rows run through the encoder
         self.reused = 0  # rows taken from the cache
 
@@ -105,49 +132,88 @@ class StreamAudio:
         """Each clip's ``[32,16,16]`` window, or the error that clip earned (one bad clip
         never fails the others). All rows missing from the cache go through the encoder
         in one batch, each once even when several clips of a stream need it."""
-        errors: dict[int, ServiceError] = {}
-        rows: dict[int, np.ndarray] = {}
-        to_encode: list[np.ndarray] = []
+        batch = self.plan(clips)
+        feats = self.featurizer.encode_tensor(_stack(batch.mels))
+        rows = self.assemble(batch, feats).cpu().numpy()
+        return [batch.errors.get(c) or rows[c].reshape(_FOLD) for c in range(len(clips))]
+
+    def plan(self, clips: Sequence[StreamClip]) -> StreamBatch:
+        """Host work for a batch: check the clips, look their rows up in the cache, compute
+        the mel windows of the others (each once per stream), and reserve their rows of
+        the cache. ``assemble`` then builds the windows from the encoded mels."""
+        batch = StreamBatch(len(clips))
         index_of: dict[tuple[str, int], int] = {}
-        fills: list[tuple[int, int, int]] = []  # (clip, row slot, index in to_encode)
         for c, clip in enumerate(clips):
             try:
-                rows[c], todo = self._plan(clip)
+                cached, todo = self._plan(clip)
             except ServiceError as exc:
-                errors[c] = exc
+                batch.errors[c] = exc
                 continue
+            for slot, row in cached:
+                batch.cached_pos.append(c * _ROWS + slot)
+                batch.cached_slot.append(row)
             for slot, k, mel in todo:
                 key = (clip.stream, k) if clip.stream is not None else None
                 if key is not None and key in index_of:
                     index = index_of[key]
                 else:
-                    index = len(to_encode)
-                    to_encode.append(mel)
+                    index = len(batch.mels)
+                    batch.mels.append(mel)
                     if key is not None:
                         index_of[key] = index
-                fills.append((c, slot, index))
-        if to_encode:
-            feats = self.featurizer.encode(np.stack(to_encode))
-            self.encoded += len(to_encode)
-            for c, slot, index in fills:
-                rows[c][slot] = feats[index]
-            for key, index in index_of.items():
-                self._remember(key, feats[index].copy())
-        return [errors[c] if c in errors else rows[c].reshape(_FOLD) for c in range(len(clips))]
+                batch.fresh_pos.append(c * _ROWS + slot)
+                batch.fresh_mel.append(index)
+        self.encoded += len(batch.mels)
+        for key, index in index_of.items():
+            row = self._reserve(key)
+            if row is not None:
+                batch.writes[row] = index  # a row reused within the batch: the last wins
+        return batch
+
+    def assemble(self, batch: StreamBatch, feats: torch.Tensor) -> torch.Tensor:
+        """The batch's rows ``[n, 16, 512]`` on the device, from ``feats`` (the encoded
+        ``batch.mels``, ``[len(mels), 512]``); the fresh rows are kept in the cache table.
+        Rows of failed clips are zeros. Reads come before writes (stream order), so a
+        cached row evicted by this very batch is still read as it was."""
+        dev = feats.device
+        with torch.inference_mode():
+            rows = torch.zeros((batch.n * _ROWS, FEATURE_DIM), device=dev)
+            if batch.cached_pos:
+                table = self._table_on(dev)
+                rows[to_device(batch.cached_pos, dev)] = table[to_device(batch.cached_slot, dev)]
+            if batch.fresh_pos:
+                rows[to_device(batch.fresh_pos, dev)] = feats[to_device(batch.fresh_mel, dev)]
+            if batch.writes:
+                table = self._table_on(dev)
+                table[to_device(list(batch.writes), dev)] = feats[
+                    to_device(list(batch.writes.values()), dev)
+                ]
+            return rows.view(batch.n, _ROWS, FEATURE_DIM)
 
     # -- internals -----------------------------------------------------------------------
 
-    def _remember(self, key: tuple[str, int], row: np.ndarray) -> None:
-        if self.cache_rows == 0:
-            return
-        self._rows[key] = row
-        self._rows.move_to_end(key)
-        while len(self._rows) > self.cache_rows:
-            self._rows.popitem(last=False)
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        if self._table is None or self._table.device != device:
+            self._table = torch.zeros((self.cache_rows, FEATURE_DIM), device=device)
+        return self._table
 
-    def _plan(self, clip: StreamClip) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
-        """The clip's ``[16, 512]`` rows with zero rows (``k < 0``) and cached rows filled
-        in, and ``(slot, k, mel window)`` for each row still to encode."""
+    def _reserve(self, key: tuple[str, int]) -> int | None:
+        """A table row for ``key`` (evicting the least recently used), or None when the
+        cache is off."""
+        if self.cache_rows == 0:
+            return None
+        if self._free:
+            row = self._free.pop()
+        else:
+            _, row = self._rows.popitem(last=False)
+        self._rows[key] = row
+        return row
+
+    def _plan(
+        self, clip: StreamClip
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int, np.ndarray]]]:
+        """The clip's cached rows as ``(slot, table row)`` (slots of rows ``k < 0`` stay
+        zero), and ``(slot, k, mel window)`` for each row still to encode."""
         j = clip.frame
         if not isinstance(j, int) or isinstance(j, bool) or j < 0:
             raise ServiceError(ErrorCode.BAD_REQUEST, f"stream frame must be >= 0, not {j!r}")
@@ -162,23 +228,24 @@ class StreamAudio:
             raise ServiceError(
                 ErrorCode.BAD_REQUEST, "audio_t0_ms is not on the stream's analysis grid"
             )
-        rows = np.zeros((CONTEXT_BEFORE + 1 + CONTEXT_AFTER, FEATURE_DIM), np.float32)
+        cached: list[tuple[int, int]] = []  # (slot, table row)
         todo: list[int] = []
         for slot, k in enumerate(range(j - CONTEXT_BEFORE, j + CONTEXT_AFTER + 1)):
             if k < 0:
-                continue
-            cached = self._rows.get((clip.stream, k)) if clip.stream is not None else None
-            if cached is not None:
-                self._rows.move_to_end((clip.stream, k))  # type: ignore[arg-type]
+                continue  # a zero row: the stream's start
+            key = (clip.stream, k) if clip.stream is not None else None
+            row = self._rows.get(key) if key is not None else None
+            if row is not None:
+                self._rows.move_to_end(key)  # type: ignore[arg-type]
                 self.reused += 1
-                rows[slot] = cached
+                cached.append((slot, row))
             else:
                 todo.append(slot)
         if not todo:
-            return rows, []
+            return cached, []
         ks = [j - CONTEXT_BEFORE + slot for slot in todo]
         mels = self._mel_windows(clip, start16, ks)
-        return rows, [(slot, k, mel) for slot, k, mel in zip(todo, ks, mels, strict=True)]
+        return cached, [(slot, k, mel) for slot, k, mel in zip(todo, ks, mels, strict=True)]
 
     def _mel_windows(self, clip: StreamClip, start16: int, ks: list[int]) -> list[np.ndarray]:
         """Mel windows ``[80, 16]`` of rows ``ks`` from the clip (which starts at stream
@@ -227,12 +294,9 @@ def stream_audio_for(featurizer: AudioFeaturizer, fps: float) -> StreamAudio:
     return audio
 
 
-def stream_windows(
-    featurizer: AudioFeaturizer, fps: float, items: Sequence[InferItem]
-) -> list[np.ndarray | ServiceError]:
-    """The engine's entry point: windows for stream items (``audio_t0_ms`` set), one per
-    item, or the error that item earned."""
-    clips = [
+def stream_clips(items: Sequence[InferItem]) -> list[StreamClip]:
+    """The clips of stream items (``audio_t0_ms`` set)."""
+    return [
         StreamClip(
             pcm=item.audio if item.audio is not None else b"",
             sr=item.audio_sr,
@@ -242,4 +306,16 @@ def stream_windows(
         )
         for item in items
     ]
-    return stream_audio_for(featurizer, fps).windows(clips)
+
+
+def stream_windows(
+    featurizer: AudioFeaturizer, fps: float, items: Sequence[InferItem]
+) -> list[np.ndarray | ServiceError]:
+    """Windows for stream items, one per item, or the error that item earned."""
+    return stream_audio_for(featurizer, fps).windows(stream_clips(items))
+
+
+def _stack(mels: list[np.ndarray]) -> np.ndarray:
+    if not mels:
+        return np.zeros((0, MEL_BANDS, WINDOW_STEPS), np.float32)
+    return np.stack(mels)

@@ -100,14 +100,18 @@ class System:
         null_delay_ms: float = 0.0,
         threads: int = 0,
         capacity: int = 0,
+        device: str = "cpu",
+        fp16: bool = False,
     ) -> str:
         name = f"w{self._n}"
         self._n += 1
         args = [
             "worker", "--broker", self.backend, "--models-dir", str(models_dir),
             "--backend", backend, "--worker-id", name, "--max-batch", str(max_batch),
-            "--max-delay-ms", str(max_delay_ms), "--device", "cpu",
+            "--max-delay-ms", str(max_delay_ms), "--device", device,
         ]  # fmt: skip
+        if fp16:
+            args.append("--fp16")
         if models:
             args += ["--models", models]
         if backend == "null":
