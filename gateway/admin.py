@@ -16,15 +16,13 @@ already sees the change. docs/protocol.md, section "Admin", is the contract.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from gateway.context import Request
 from shared.browser import JsonRequest, dumps, valid_model_name
 from shared.envelope import Op
 from shared.errors import ErrorCode, ServiceError
-
-
-if TYPE_CHECKING:
-    from gateway.connection import Connection
 
 
 __all__ = ["ADMIN_TTL_MS", "ADMIN_TYPES", "admin", "admin_error"]
@@ -82,9 +80,18 @@ def _outcome(entry: Any) -> dict[str, Any]:
     return out
 
 
-async def admin(connection: Connection, request: JsonRequest, t0: float) -> str:
-    """Handle ``load_package``, ``unload_package`` or ``reload_package``."""
-    if not connection.config.token:
+async def admin(
+    ask: Request,
+    has_token: bool,
+    on_change: Callable[[], None],
+    peer: str,
+    request: JsonRequest,
+    t0: float,
+) -> str:
+    """Handle ``load_package``, ``unload_package`` or ``reload_package``: ``ask`` the
+    broker, then ``on_change`` (the health cache is stale). Only a gateway with a token
+    (``has_token``) takes them."""
+    if not has_token:
         raise ServiceError(ErrorCode.UNAUTHORIZED, "admin operations need LIPSYNC_TOKEN")
     model = request.model_name
     if not model:
@@ -96,11 +103,9 @@ async def admin(connection: Connection, request: JsonRequest, t0: float) -> str:
     op = Op.UNLOAD_PACKAGE if request.type == "unload_package" else Op.LOAD_PACKAGE
     if request.type == "reload_package":
         opts["reload"] = True
-    logger.info("%s: %s %s on %s workers", connection.peer, request.type, model, workers)
-    answer = await connection.gateway.broker.request(
-        op, model=model, opts=opts, ttl_ms=ADMIN_TTL_MS
-    )
-    connection.gateway.health.invalidate()  # get_stats and /health see the change at once
+    logger.info("%s: %s %s on %s workers", peer, request.type, model, workers)
+    answer = await ask(op, model=model, opts=opts, ttl_ms=ADMIN_TTL_MS)
+    on_change()  # get_stats and /health see the change at once
     result = answer.header.result if isinstance(answer.header.result, dict) else {}
     entries = result.get("workers")
     outcomes = [_outcome(e) for e in entries] if isinstance(entries, list) else []

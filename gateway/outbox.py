@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
-__all__ = ["KEEP", "Outbox", "Sequencer"]
+__all__ = ["KEEP", "Data", "Fallback", "Outbox", "Sequencer"]
 
 Data = bytes | str
 

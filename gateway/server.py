@@ -25,6 +25,7 @@ from websockets.http11 import Request, Response
 
 from gateway.brokerclient import BrokerClient
 from gateway.connection import Connection, peer_name
+from gateway.context import ConnectionContext, GatewayTotals
 from gateway.health import HealthCache
 from gateway.metrics import (
     CONTENT_TYPE as METRICS_CONTENT_TYPE,
@@ -50,7 +51,7 @@ MAX_QUEUE = 16
 The receive loop hands each message off at once, so this rarely fills."""
 WRITE_LIMIT = 256 * 1024
 """Bytes buffered in the transport before a send waits (the original proxy's write buffer).
-Beyond it answers wait in the connection's outbox, which drops the oldest frame."""
+Beyond it answers wait in the connection's outbox (``gateway.outbox``)."""
 CLOSE_TIMEOUT_S = 5.0
 DRAIN_GRACE_S = 2.0
 """On shutdown, how long past the request deadline to wait for answers in flight."""
@@ -80,13 +81,17 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self.started = time.monotonic()
-        self.totals: dict[str, Any] = {
-            "json_requests": 0,
-            "binary_requests": 0,
-            "answered": 0,
-            "time_ms": 0.0,
-            "dropped_frames": 0,
-        }
+        self.totals = GatewayTotals()
+        self.context = ConnectionContext(
+            config=config,
+            metrics=self.metrics,
+            request=self.broker.request,
+            health=self.health,
+            streams=self.streams,
+            totals=self.totals,
+            shutting_down=lambda: self.shutting_down,
+            stats_fields=self.stats_fields,
+        )
 
     def _last_stats(self) -> dict[str, Any] | None:
         status = self.health.cached
@@ -106,22 +111,22 @@ class Gateway:
     def stats_fields(self) -> dict[str, Any]:
         """Gateway counters for ``get_stats``, under the original server's names first."""
         t = self.totals
-        total = t["json_requests"] + t["binary_requests"]
+        total = t.json_requests + t.binary_requests
         return {
             "total_requests": total,
-            "binary_requests": t["binary_requests"],
-            "json_requests": t["json_requests"],
-            "binary_percentage": round(100 * t["binary_requests"] / total, 1) if total else 0.0,
-            "average_time_ms": round(t["time_ms"] / t["answered"], 2) if t["answered"] else 0.0,
+            "binary_requests": t.binary_requests,
+            "json_requests": t.json_requests,
+            "binary_percentage": round(100 * t.binary_requests / total, 1) if total else 0.0,
+            "average_time_ms": round(t.time_ms / t.answered, 2) if t.answered else 0.0,
             "connected_clients": len(self.connections),
             "in_flight": sum(len(c.tasks) for c in self.connections),
-            "dropped_frames": t["dropped_frames"],
+            "dropped_frames": t.dropped_frames,
         }
 
     # -- websockets hooks --------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
-        connection = Connection(self, ws)
+        connection = Connection(self.context, ws)
         self.connections.add(connection)
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
