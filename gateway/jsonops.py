@@ -87,10 +87,7 @@ class JsonOps:
             raise ServiceError(ErrorCode.INTERNAL, "bad metadata from broker") from None
 
     async def video_frame(self, request: JsonRequest, t0: float) -> JsonAnswer:
-        model = model_name_of(request)
-        refusal = check_frame(request.frame_id)
-        if refusal is not None:
-            raise refusal
+        model = _frame_request(request)
         video_type = request.video_type
         if not video_type:
             raise ServiceError(ErrorCode.BAD_REQUEST, "video_type is required")
@@ -110,10 +107,7 @@ class JsonOps:
         return VideoFrameD(request.frame_id, video_type, image_of(answer)).serialize()
 
     async def inference(self, request: JsonRequest, t0: float) -> JsonAnswer:
-        model = model_name_of(request)
-        refusal = check_frame(request.frame_id)
-        if refusal is not None:
-            raise refusal
+        model = _frame_request(request)
         audio = request.audio_override
         # The JSON answer carries no image ("use_binary_protocol_for_image_data"), so ask
         # for the cheaper crop: the worker still runs the model and reports timings.
@@ -150,3 +144,12 @@ class JsonOps:
                 "model_stats": merge_models(status.stats),
             }
         )
+
+
+def _frame_request(request: JsonRequest) -> str:
+    """The model of a request for one frame, once its name and frame id are checked."""
+    refusal = check_frame(request.frame_id)
+    model = model_name_of(request)
+    if refusal is not None:
+        raise refusal
+    return model
