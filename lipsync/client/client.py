@@ -364,7 +364,13 @@ class LipsyncClient:
             raise ServerError(ErrorCode.BAD_REQUEST, "this gateway does not offer streams")
         ws = self._open_ws()
         sid = next(self._stream_ids) & 0xFFFFFFFF
-        stream = Stream(self, sid, sample_rate)
+        stream = Stream(
+            sid,
+            sample_rate,
+            send=self._send_now,
+            on_closed=self._forget_stream,
+            timeout=self.timeout,
+        )
         self._streams[sid] = stream
         message: dict[str, Any] = {
             "type": "stream_start",
@@ -451,6 +457,10 @@ class LipsyncClient:
         if self._ws is None:
             raise ConnectionLost("not connected")
         return self._ws
+
+    async def _send_now(self, data: str | bytes) -> None:
+        """Send on the open connection (``ConnectionLost`` when there is none)."""
+        await self._send(self._open_ws(), data)
 
     async def _send(self, ws: ClientConnection, data: str | bytes) -> None:
         try:
@@ -583,7 +593,7 @@ class LipsyncClient:
             if isinstance(kind, str) and kind.startswith("stream_"):
                 stream = self._streams.get(answer.get("stream"))  # type: ignore[arg-type]
                 if stream is not None:
-                    stream._on_json(answer)
+                    stream.feed_json(answer)
             elif kind in ("stats", "hello", "error", "admin"):
                 self._resolve(_PLAIN, answer)
             elif kind == "model_list":
@@ -606,7 +616,7 @@ class LipsyncClient:
             frame = parse_tagged_frame(message)
             stream = self._streams.get(frame.stream)
             if stream is not None:
-                stream._on_frame(frame)
+                stream.feed_frame(frame)
 
     def _fail_all(self, exc: ConnectionLost) -> None:
         if self._lost is None:
@@ -616,7 +626,7 @@ class LipsyncClient:
             if not fut.done():
                 fut.set_exception(exc)
         for stream in list(self._streams.values()):
-            stream._on_lost(exc)
+            stream.connection_lost(exc)
         self._streams.clear()
 
     def _forget_stream(self, sid: int) -> None:

@@ -14,17 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from lipsync.client.errors import ConnectionLost, LipsyncError, ServerError, Timeout
 from lipsync.client.results import StreamEnd, StreamFrame, StreamInfo
 from shared.errors import ErrorCode
 from shared.streamproto import MAX_CHUNK_BYTES, encode_audio_chunk
-
-
-if TYPE_CHECKING:
-    from lipsync.client.client import LipsyncClient
 
 
 __all__ = ["MAX_BUFFERED_FRAMES", "Stream"]
@@ -34,10 +30,25 @@ _END = object()
 
 
 class Stream:
-    """Made by ``LipsyncClient.stream``. ``info`` is the gateway's ``stream_started``."""
+    """Made by ``LipsyncClient.stream``. ``info`` is the gateway's ``stream_started``.
 
-    def __init__(self, client: LipsyncClient, sid: int, sample_rate: int) -> None:
-        self.client = client
+    The stream knows nothing of the client that made it: it sends through ``send`` (a
+    message to the gateway), says ``on_closed(sid)`` once it has ended, and is fed what
+    the gateway says about it through :meth:`feed_json`, :meth:`feed_frame` and
+    :meth:`connection_lost` (events in, like a sans-I/O protocol)."""
+
+    def __init__(
+        self,
+        sid: int,
+        sample_rate: int,
+        *,
+        send: Callable[[str | bytes], Awaitable[None]],
+        on_closed: Callable[[int], None],
+        timeout: float,
+    ) -> None:
+        self._send = send
+        self._on_closed = on_closed
+        self.timeout = timeout
         self.sid = sid
         self.sample_rate = sample_rate
         self.info: StreamInfo | None = None
@@ -79,11 +90,10 @@ class Stream:
             raise ServerError(ErrorCode.BAD_REQUEST, "stream is stopped")
         if len(pcm) % 2:
             raise ValueError("audio must be int16: an even number of bytes")
-        ws = self.client._open_ws()
         step = min(2 * self.sample_rate, MAX_CHUNK_BYTES)
         view = memoryview(pcm)
         for start in range(0, len(view), step):
-            await self.client._send(ws, encode_audio_chunk(self.sid, view[start : start + step]))
+            await self._send(encode_audio_chunk(self.sid, view[start : start + step]))
 
     async def frames(self) -> AsyncIterator[StreamFrame]:
         """Frames in sequence order until the stream ends (after ``stop``) or fails (the
@@ -106,7 +116,7 @@ class Stream:
         if not self._ended.done() and not self._stopping:
             self._stopping = True
             await self._control({"type": "stream_stop", "stream": self.sid})
-        wait = timeout if timeout is not None else self.client.timeout + self._tail_s()
+        wait = timeout if timeout is not None else self.timeout + self._tail_s()
         try:
             return await asyncio.wait_for(asyncio.shield(self._ended), wait)
         except TimeoutError:
@@ -119,7 +129,7 @@ class Stream:
         fut.add_done_callback(_consume)
         self._interrupts.append(fut)
         await self._control({"type": "stream_interrupt", "stream": self.sid})
-        wait = self.client.timeout if timeout is None else timeout
+        wait = self.timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(asyncio.shield(fut), wait)
         except TimeoutError:
@@ -136,8 +146,7 @@ class Stream:
     async def _control(self, message: dict[str, Any]) -> None:
         if self._error is not None:
             raise self._error
-        ws = self.client._open_ws()
-        await self.client._send(ws, json.dumps(message))
+        await self._send(json.dumps(message))
 
     async def _wait_started(self, timeout: float) -> StreamInfo:
         try:
@@ -152,11 +161,15 @@ class Stream:
         self._queue.append(item)
         self._ready.set()
 
-    def _on_frame(self, frame: StreamFrame) -> None:
+    # -- events from the connection ------------------------------------------------------------
+
+    def feed_frame(self, frame: StreamFrame) -> None:
+        """A tagged frame of this stream arrived."""
         if not self._ended.done():
             self._push_item(frame)
 
-    def _on_json(self, m: dict[str, Any]) -> None:
+    def feed_json(self, m: dict[str, Any]) -> None:
+        """A ``stream_*`` message about this stream arrived."""
         kind = m.get("type")
         if kind == "stream_started":
             self.info = StreamInfo.from_json(m)
@@ -203,9 +216,10 @@ class Stream:
             if not fut.done():
                 fut.set_exception(error or ServerError(ErrorCode.BAD_REQUEST, "stream ended"))
         self._push_item(_END)
-        self.client._forget_stream(self.sid)
+        self._on_closed(self.sid)
 
-    def _on_lost(self, exc: ConnectionLost) -> None:
+    def connection_lost(self, exc: ConnectionLost) -> None:
+        """The connection to the gateway is gone: the stream fails with ``exc``."""
         if not self._ended.done():
             self._finish(None, exc)
 
