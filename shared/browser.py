@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from shared.errors import WireFormatError
+
 
 __all__ = [
     "A_FRAME",
@@ -128,7 +130,7 @@ _VIDEO_TYPE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(WireFormatError):
     """A message that breaks the browser protocol. Messages are short and lowercase."""
 
 

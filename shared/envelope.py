@@ -15,12 +15,16 @@ time: each hop converts it to its own monotonic clock, so hosts need no clock sy
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
+
+from shared.errors import WireFormatError
 
 
 __all__ = [
@@ -54,7 +58,7 @@ _UNPACK_LIMITS: dict[str, Any] = {
 }
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(WireFormatError):
     """A multipart message that is not a valid envelope. Messages are short and lowercase."""
 
 
@@ -207,35 +211,26 @@ _HEADERS: dict[Kind, type[_Header]] = {
     h.KIND: h for h in (Request, Reply, Error, Cancel, Ready, Heartbeat, Disconnect)
 }
 
+
+def _runtime_type(hint: Any) -> type | tuple[type, ...]:
+    """What ``isinstance`` checks a header field's value against, from its annotation:
+    ``int`` -> int, ``dict[str, Any]`` -> dict, ``list[float] | None`` -> (list, None),
+    ``Any`` -> object (anything)."""
+    if hint is Any:
+        return object
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _as_tuple(_runtime_type(arg)))
+    origin = typing.get_origin(hint)
+    return origin if origin is not None else hint  # type: ignore[no-any-return]
+
+
 _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
-    ("Request", "id"): int,
-    ("Request", "op"): str,
-    ("Request", "model"): str,
-    ("Request", "frame"): int,
-    ("Request", "ttl_ms"): int,
-    ("Request", "opts"): dict,
-    ("Reply", "id"): int,
-    ("Reply", "worker"): str,
-    ("Reply", "timings"): dict,
-    ("Reply", "bounds"): (list, type(None)),
-    ("Reply", "result"): object,
-    ("Error", "id"): int,
-    ("Error", "code"): str,
-    ("Error", "message"): str,
-    ("Error", "worker"): str,
-    ("Cancel", "id"): int,
-    ("Ready", "worker"): str,
-    ("Ready", "capacity"): int,
-    ("Ready", "host"): str,
-    ("Ready", "pid"): int,
-    ("Ready", "device"): str,
-    ("Ready", "backend"): str,
-    ("Ready", "models"): dict,
-    ("Heartbeat", "in_flight"): int,
-    ("Heartbeat", "stats"): dict,
-    ("Heartbeat", "instance"): str,
-    ("Disconnect", "reason"): str,
+    (cls.__name__, name): _runtime_type(hint)
+    for cls in _HEADERS.values()
+    for name, hint in typing.get_type_hints(cls).items()
+    if name != "KIND"
 }
+"""Each header field's type, derived from the dataclasses' annotations (one source)."""
 
 Header = Request | Reply | Error | Cancel | Ready | Heartbeat | Disconnect
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-__all__ = ["ErrorCode", "ServiceError"]
+__all__ = ["ErrorCode", "ServiceError", "WireFormatError"]
 
 
 class ErrorCode(StrEnum):
@@ -29,6 +29,20 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     SLOW_CLIENT = "slow_client"  # the client did not read the answer in time: image dropped
     INTERNAL = "internal"
+
+
+class WireFormatError(ValueError):
+    """Bytes that are not a valid message of one of our wire formats. Every parser in
+    ``shared/`` raises one of these, and only these, whatever its input, so that the
+    process reading them answers or drops the message instead of crashing::
+
+        WireFormatError (ValueError)
+        ├── shared.envelope.EnvelopeError          the internal ZeroMQ envelope
+        ├── shared.browser.ProtocolError           browser layouts A-D, JSON requests
+        └── shared.streamproto.StreamProtocolError stream audio, tagged frames, stream JSON
+
+    Messages are short and lowercase (they reach clients inside ``bad_request: ...``).
+    """
 
 
 class ServiceError(Exception):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from shared.browser import valid_model_name
+from shared.errors import WireFormatError
 from shared.streamtime import SUPPORTED_RATES
 
 
@@ -82,7 +83,7 @@ _U32 = struct.Struct("<I")
 _U32_MAX = 0xFFFFFFFF
 
 
-class StreamProtocolError(ValueError):
+class StreamProtocolError(WireFormatError):
     """Not a valid stream message. ``stream`` is the stream id when it could be read (so the
     answer can name it); messages are short and lowercase."""
 

@@ -198,3 +198,43 @@ def test_kind_values_are_stable():
 def test_peek_id(frames, expected):
     """The id of a message that failed to decode, when one can be trusted."""
     assert peek_id(frames) == expected
+
+
+def test_header_field_types_come_from_the_annotations():
+    """The strict decoder's table of field types is derived from the dataclasses; it must
+    say what the hand-written table said (any drift would change what is accepted)."""
+    from shared.envelope import _FIELD_TYPES
+
+    expected = {
+        "Request": {"id": int, "op": str, "model": str, "frame": int, "ttl_ms": int, "opts": dict},
+        "Reply": {
+            "id": int,
+            "worker": str,
+            "timings": dict,
+            "bounds": (list, type(None)),
+            "result": object,
+        },
+        "Error": {"id": int, "code": str, "message": str, "worker": str},
+        "Cancel": {"id": int},
+        "Ready": {
+            "worker": str,
+            "capacity": int,
+            "host": str,
+            "pid": int,
+            "device": str,
+            "backend": str,
+            "models": dict,
+        },
+        "Heartbeat": {"in_flight": int, "stats": dict, "instance": str},
+        "Disconnect": {"reason": str},
+    }
+    assert {(c, f): t for c, fs in expected.items() for f, t in fs.items()} == _FIELD_TYPES
+
+
+def test_every_wire_format_error_is_one_kind():
+    from shared.browser import ProtocolError
+    from shared.errors import WireFormatError
+    from shared.streamproto import StreamProtocolError
+
+    for cls in (EnvelopeError, ProtocolError, StreamProtocolError):
+        assert issubclass(cls, WireFormatError) and issubclass(cls, ValueError)
