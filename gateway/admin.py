@@ -23,6 +23,7 @@ from gateway.context import Request
 from shared.browser import JsonRequest, dumps, valid_model_name
 from shared.envelope import Op
 from shared.errors import ErrorCode, ServiceError
+from shared.opts import AdminOpts
 
 
 __all__ = ["ADMIN_TTL_MS", "ADMIN_TYPES", "admin", "admin_error"]
@@ -99,12 +100,10 @@ async def admin(
     if not valid_model_name(model):
         raise ServiceError(ErrorCode.BAD_REQUEST, "bad model name")
     workers = _workers(request.extra.get("workers"))
-    opts: dict[str, Any] = {"workers": workers}
+    opts = AdminOpts(workers=workers, reload=request.type == "reload_package")
     op = Op.UNLOAD_PACKAGE if request.type == "unload_package" else Op.LOAD_PACKAGE
-    if request.type == "reload_package":
-        opts["reload"] = True
     logger.info("%s: %s %s on %s workers", peer, request.type, model, workers)
-    answer = await ask(op, model=model, opts=opts, ttl_ms=ADMIN_TTL_MS)
+    answer = await ask(op, model=model, opts=opts.to_map(), ttl_ms=ADMIN_TTL_MS)
     on_change()  # get_stats and /health see the change at once
     result = answer.header.result if isinstance(answer.header.result, dict) else {}
     entries = result.get("workers")

@@ -315,9 +315,7 @@ class Connection:
                 "infer",
                 model=request.model_name,
                 frame=request.frame_id,
-                opts=infer_opts(
-                    self.settings.mode_b, self.settings.quality, audio=bool(request.audio)
-                ),
+                opts=infer_opts(self.settings.mode_b, self.settings.quality),
                 payload=(request.audio,) if request.audio else (),
                 ttl_ms=ttl_ms,
             )

@@ -35,6 +35,7 @@ from shared.browser import (
 )
 from shared.errors import ErrorCode, ServiceError
 from shared.modelstats import merge_models
+from shared.opts import VideoFrameOpts
 
 
 __all__ = ["LOCAL_TTL_MS", "VIDEO_FRAME_TTL_MS", "JsonAnswer", "JsonOps"]
@@ -93,15 +94,12 @@ class JsonOps:
             raise ServiceError(ErrorCode.BAD_REQUEST, "video_type is required")
         if not valid_model_name(video_type):  # same alphabet and length as a model name
             raise ServiceError(ErrorCode.UNKNOWN_VIDEO, "bad video type")
-        opts: dict[str, Any] = {"video_type": video_type}
-        quality = self.settings().video_quality
-        if quality is not None:
-            opts["quality"] = quality
+        opts = VideoFrameOpts(video_type, self.settings().video_quality)
         answer = await self.ask(
             "video_frame",
             model=model,
             frame=request.frame_id,
-            opts=opts,
+            opts=opts.to_map(),
             ttl_ms=VIDEO_FRAME_TTL_MS,
         )
         return VideoFrameD(request.frame_id, video_type, image_of(answer)).serialize()
@@ -115,7 +113,7 @@ class JsonOps:
             "infer",
             model=model,
             frame=request.frame_id,
-            opts=infer_opts("crop", self.settings().quality, audio=bool(audio)),
+            opts=infer_opts("crop", self.settings().quality),
             payload=(audio,) if audio else (),
             ttl_ms=self.request_timeout_ms,
         )

@@ -22,6 +22,7 @@ from shared.browser import (
     video_frame_error_message,
 )
 from shared.errors import ErrorCode, ServiceError
+from shared.opts import InferOpts
 
 
 __all__ = [
@@ -50,15 +51,11 @@ ErrorShape = Callable[[JsonRequest, str], str]
 AUDIO_SR = 24_000  # layout B and audio_override: the original page's capture rate
 
 
-def infer_opts(mode: str, quality: int | None, *, audio: bool = False) -> dict[str, Any]:
-    """The options of an ``infer`` request: output mode, JPEG quality (None: the
-    worker's default), and the rate of the audio it carries."""
-    opts: dict[str, Any] = {"mode": mode}
-    if quality is not None:
-        opts["quality"] = quality
-    if audio:
-        opts["audio_sr"] = AUDIO_SR
-    return opts
+def infer_opts(mode: str, quality: int | None) -> dict[str, Any]:
+    """The options of an ``infer`` request (``shared.opts.InferOpts``): output mode and
+    JPEG quality (None: the worker's default); audio, if any, at the original page's
+    rate."""
+    return InferOpts(mode=mode, quality=quality, audio_sr=AUDIO_SR).to_map()
 
 
 def error_text(exc: ServiceError) -> str:
