@@ -39,6 +39,7 @@ from shared.envelope import (
     encode,
 )
 from shared.errors import ErrorCode, ServiceError
+from shared.logs import RateLimitedLog
 
 
 __all__ = ["Answer", "BrokerClient"]
@@ -106,7 +107,7 @@ class BrokerClient:
         self._alive = False
         self._seen = asyncio.Event()
         self._closed = False
-        self._malformed_logged_at = 0.0
+        self._malformed_log = RateLimitedLog(logger, every_s=10.0)
         self.counters: dict[str, int] = {
             "sent": 0,
             "answered": 0,
@@ -388,11 +389,6 @@ class BrokerClient:
 
     def _malformed(self, why: str) -> None:
         self.counters["malformed"] += 1
-        now = time.monotonic()
-        if now - self._malformed_logged_at >= 10.0:
-            self._malformed_logged_at = now
-            logger.warning(
-                "malformed message from broker (%s); %d so far",
-                why,
-                self.counters["malformed"],
-            )
+        self._malformed_log.warning(
+            "malformed message from broker (%s); %d so far", why, self.counters["malformed"]
+        )
