@@ -113,3 +113,20 @@ def test_roles_from_command_lines():
     assert role_of(["/usr/local/bin/lipsync", "gateway", "--port", "1"]) == "gateway"
     assert role_of(["python", "-m", "lipsync", "bench"]) is None
     assert role_of(["python", "-m", "pytest"]) is None
+
+
+def test_forwarder_reference_runs_side_by_side_with_the_broker():
+    """``python -m lipsync.bench.forwarder``: both routers serve the same client and echo
+    workers and the ratio is printed (its value belongs in BENCHMARKS.md)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lipsync.bench.forwarder", "--pairs", "1", "--seconds", "0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("pair 1 broker") for line in lines)
+    assert any(line.startswith("pair 1 forwarder") for line in lines)
+    assert lines[-1].startswith("median: broker ") and " ratio " in lines[-1]
