@@ -56,6 +56,7 @@ from workers.package import (
     list_packages,
     load_package,
 )
+from workers.paste import paste_face
 from workers.skipcache import SkipCache
 from workers.stream_audio import stream_windows
 from workers.unet import UNet328, prepare_module, resolve_device, width_name
@@ -101,6 +102,7 @@ class _State:
     rows: list[int]  # item k's row in ``pred``, or -1 when it failed
     pred: np.ndarray  # uint8 [B, 320, 320, 3] BGR
     item_timings: list[dict[str, float]] = field(default_factory=list)
+    feather_px: int = 0  # the package's paste option (workers.paste)
 
 
 class TorchBackend:
@@ -289,6 +291,7 @@ class TorchBackend:
             rows=rows,
             pred=pred_all,
             item_timings=[dict(timing) for _ in items],
+            feather_px=m.package.feather_px,
         )
         return batch
 
@@ -567,9 +570,8 @@ def _paste(
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     i = item.frame_id
     x1, y1, x2, y2 = (int(v) for v in state.rects[i])
-    crop = state.crops[i].copy()
-    crop[4 : 4 + ROI_SIZE, 4 : 4 + ROI_SIZE] = state.pred[row]
-    face = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    region = state.full_body[i][y1:y2, x1:x2]
+    face = paste_face(state.crops[i], state.pred[row], region, state.feather_px)
     bounds = (float(x1), float(y1), float(x2), float(y2))
     if item.mode == "crop":
         return face, bounds
