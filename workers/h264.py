@@ -77,6 +77,7 @@ class H264Writer:
         self._container = av.open(str(path), mode="w", format="mp4")
         try:
             stream = self._container.add_stream(_CODEC, rate=Fraction(fps, 1))
+            assert isinstance(stream, av.VideoStream)
             stream.width, stream.height = width, height
             stream.pix_fmt = _PIX_FMT
             stream.codec_context.thread_count = 1
