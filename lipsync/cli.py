@@ -94,6 +94,12 @@ def _make_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_synctalk(args: argparse.Namespace) -> int:
+    from workers.synctalk_import import run
+
+    return run(args)
+
+
 def _train_demo(args: argparse.Namespace) -> int:
     try:
         from workers.demo.cli import train_demo
@@ -219,6 +225,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", choices=["full", "half", "quarter"], default="quarter")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_package)
+
+    p = sub.add_parser(
+        "import-synctalk",
+        help="turn a SyncTalk_2D training run into a package",
+        description="Write the package of a SyncTalk_2D training run: its dataset/<name>/ "
+        "folder, the newest checkpoint/<name>/<epoch>.pth and the AVE audio encoder.",
+    )
+    p.add_argument("dataset", help="the run's dataset/<name>/ folder")
+    p.add_argument(
+        "--checkpoint",
+        help="UNet weights file, or a folder to pick from (default: best.pth, else the newest "
+        "<epoch>.pth in DATASET/../../checkpoint/<name>/)",
+    )
+    p.add_argument(
+        "--encoder",
+        help="AVE encoder weights (default: model/checkpoints/audio_visual_encoder.pth or "
+        "data_utils/ave/checkpoints/audio_encoder.pth of the SyncTalk_2D checkout)",
+    )
+    p.add_argument("--name", help="package name (default: the dataset folder's name)")
+    p.add_argument("--models-dir", help="write the package here (default models)")
+    p.add_argument("--force", action="store_true", help="replace a package of the same name")
+    p.add_argument(
+        "--feather-px",
+        type=int,
+        default=0,
+        help="blend the pasted face square into the frame over this many pixels (default 0: "
+        "SyncTalk's hard edge, frames exactly inference_328's)",
+    )
+    p.set_defaults(func=_import_synctalk)
 
     p = sub.add_parser("train-demo", help="train the demo avatar on this CPU (seeded)")
     p.add_argument("--models-dir", default="models", help="write the package here")

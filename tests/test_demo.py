@@ -106,6 +106,7 @@ def test_demo_package_is_a_valid_quarter_width_package(demo_models: Path) -> Non
     info = json.loads((demo_models / "demo" / "package_info.json").read_text())
     want = {"arch": "unet328", "audio_mode": "ave", "channels": [8, 16, 32, 64, 128]}
     assert info["model"] == want
+    assert pkg.feather_px == 12 and info["paste"] == {"feather_px": 12}  # a soft seam
     assert not list(demo_models.glob(".demo.tmp-*"))
 
 

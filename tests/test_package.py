@@ -224,6 +224,29 @@ def test_model_block_checked(pkg):
     assert "model.channels must be 5 positive even integers" in message
 
 
+def test_paste_block_absent_means_hard_edge_and_feather_is_read(pkg):
+    assert load_package(pkg.parent, "pkg").feather_px == 0
+    edit_json(pkg / "package_info.json", lambda o: o.update(paste={"feather_px": 12}))
+    assert load_package(pkg.parent, "pkg").feather_px == 12
+    edit_json(pkg / "package_info.json", lambda o: o.update(paste={}))
+    assert load_package(pkg.parent, "pkg").feather_px == 0
+
+
+@pytest.mark.parametrize(
+    ("paste", "words"),
+    [
+        ("soft", "paste is not a json object"),
+        ({"feather_px": -1}, "paste.feather_px must be an integer >= 0, not -1"),
+        ({"feather_px": 2.5}, "paste.feather_px must be an integer >= 0, not 2.5"),
+        ({"feather_px": True}, "paste.feather_px must be an integer >= 0, not True"),
+        ({"feather_px": 61}, "paste.feather_px 61 is more than half the smallest face rect (120"),
+    ],
+)
+def test_bad_paste_block(pkg, paste, words):
+    edit_json(pkg / "package_info.json", lambda o: o.update(paste=paste))
+    assert f"package_info.json: {words}" in problem(pkg)
+
+
 def test_all_problems_reported_together(pkg):
     (pkg / "rois_320_video.mp4").unlink()
     np.save(pkg / "aud_ave.npy", np.zeros((FRAMES, 3), dtype=np.float32))

@@ -46,6 +46,7 @@ where the same tensor code runs: that is how the tests check them against the ho
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -54,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -77,6 +77,7 @@ from workers.package import (
     list_packages,
     load_package,
 )
+from workers.paste import feather_alpha, paste_face
 from workers.resident import DeviceFrames
 from workers.skipcache import SkipCache
 from workers.transfer import Ready, StageClock, download, to_device
@@ -151,6 +152,7 @@ class _State:
     host: list[torch.Tensor | None] = field(default_factory=list)  # host copies in flight
     item_timings: list[dict[str, float]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # the batch's ms per stage
+    feather_px: int = 0  # the package's paste option (workers.paste)
 
     def add(self, t: torch.Tensor, host: torch.Tensor | None = None) -> int:
         self.tensors.append(t)
@@ -374,6 +376,7 @@ class TorchBackend:
             ready=Ready(dev),
             clock=StageClock(dev),
             slots=[None] * len(items),
+            feather_px=m.package.feather_px,
         )
         try:
             with self._on_stream(), torch.inference_mode():
@@ -593,9 +596,12 @@ class TorchBackend:
             audio=featurizer is not None,
         )
         skips = SkipCache(self.skip_cache_bytes)
-        return _Model(
+        model = _Model(
             package, net, featurizer, caches, info, skips, features, resident, runner=runner
         )
+        if package.feather_px:  # the device paste blends with the same weights as the host's
+            model.paste_alpha = _feather_weights(package.feather_px, self.torch_device)
+        return model
 
     def _runner(self, net: UNet328) -> StaticRunner | None:
         """``decode`` (and the conversion to pixels) at bucket sizes, from CUDA graphs
@@ -945,9 +951,8 @@ def _paste(
     a copy of the crop, resized to the rect, written into a copy of the frame."""
     i = item.frame_id
     x1, y1, x2, y2 = (int(v) for v in state.rects[i])
-    crop = state.crops[i].copy()
-    crop[4 : 4 + ROI_SIZE, 4 : 4 + ROI_SIZE] = pred
-    face = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    region = state.full_body[i][y1:y2, x1:x2]
+    face = paste_face(state.crops[i], pred, region, state.feather_px)
     bounds = (float(x1), float(y1), float(x2), float(y2))
     if item.mode == "crop":
         return face, bounds
@@ -974,3 +979,13 @@ def _check_quality(quality: Any) -> int:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+def _feather_weights(feather_px: int, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """``feather_alpha`` for each face size, on the device, made once per size."""
+
+    @functools.lru_cache(maxsize=256)
+    def weights(side: int) -> torch.Tensor:
+        return torch.from_numpy(feather_alpha(side, feather_px)).to(device)
+
+    return weights

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -49,12 +50,18 @@ from workers.package import (
 from workers.unet import WIDTHS, UNet328
 
 
+if TYPE_CHECKING:
+    from workers.h264 import H264Writer
+
 __all__ = [
     "MASK_RECT",
     "PackageVideos",
+    "Scene",
+    "calibrate",
     "make_package",
     "mask_mouth",
     "save_checkpoints",
+    "save_encoder",
     "write_metadata",
 ]
 
@@ -119,7 +126,7 @@ def _write(
     rng = np.random.default_rng(seed)
     features = _audio_features(rng, frames)
     rects = _rects(rng, frames, size)
-    scene = _Scene(rng, size)
+    scene = Scene(rng, size)
 
     calibration: list[tuple[np.ndarray, np.ndarray]] = []  # (rois, masked) of a few frames
     picks = set(np.linspace(0, frames - 1, min(frames, 2)).round().astype(int).tolist())
@@ -142,19 +149,22 @@ def _write(
 
 
 class PackageVideos:
-    """A package's four videos (mp4v), open for writing a frame at a time.
+    """A package's four videos, open for writing a frame at a time.
+
+    ``codec`` is ``"mp4v"`` (OpenCV's own encoder: fast, deterministic, lossy; synthetic
+    packages) or ``"h264"`` (near-lossless, ``workers.h264``; imported avatars).
 
     ``write(full, crop)`` takes the full frame and its 328×328 face crop and derives the
     other two as SyncTalk_2D's preprocessing does (ROI = ``crop[4:324, 4:324]``, model
     input = the ROI with the mouth masked), so every package maker writes the same layout.
     """
 
-    def __init__(self, path: Path, full_size: tuple[int, int]) -> None:
-        self._writers: dict[str, cv2.VideoWriter] = {}
+    def __init__(self, path: Path, full_size: tuple[int, int], codec: str = "mp4v") -> None:
+        self._writers: dict[str, cv2.VideoWriter | H264Writer] = {}
         try:
             for kind, file in VIDEO_FILES.items():
                 size = full_size if kind == "full_body" else _square(kind)
-                self._writers[kind] = _writer(path / file, size)
+                self._writers[kind] = _writer(path / file, size, codec)
         except BaseException:
             self.close()
             raise
@@ -185,10 +195,12 @@ class PackageVideos:
 
 
 def write_metadata(
-    path: Path, name: str, rects: np.ndarray, width: str, extra: dict[str, Any]
+    path: Path, name: str, rects: np.ndarray, width: str | Sequence[int], extra: dict[str, Any]
 ) -> None:
     """``rects.json`` and ``package_info.json`` for a package of ``len(rects)`` frames at
-    ``width``; ``extra`` adds top-level keys to the info (how the package was made)."""
+    ``width`` (a width name or the UNet's channel list); ``extra`` adds top-level keys to
+    the info (how the package was made, its paste option)."""
+    channels = list(WIDTHS[width]) if isinstance(width, str) else [int(c) for c in width]
     rect_map = {str(i): {"rect": [int(v) for v in r]} for i, r in enumerate(rects)}
     (path / RECTS_FILE).write_text(json.dumps(rect_map))
     frames = len(rects)
@@ -201,19 +213,26 @@ def write_metadata(
             VIDEO_INFO_KEYS[kind]: {"video_file": file, "frame_count": frames, "fps": FPS}
             for kind, file in VIDEO_FILES.items()
         },
-        "model": {"arch": "unet328", "audio_mode": "ave", "channels": list(WIDTHS[width])},
+        "model": {"arch": "unet328", "audio_mode": "ave", "channels": channels},
         **extra,
     }
     (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def save_checkpoints(path: Path, unet: UNet328, encoder: AudioEncoder) -> None:
-    """The package's two checkpoints. SyncTalk publishes the encoder without the
-    ``audio_encoder.`` prefix; loaders add it back."""
+def save_checkpoints(path: Path, unet: UNet328, encoder: AudioEncoder | None) -> None:
+    """The package's two checkpoints (the encoder is optional: without it a package
+    serves its own audio only)."""
     torch.save(unet.state_dict(), path / CHECKPOINTS[0])
+    if encoder is not None:
+        save_encoder(encoder, path / ENCODER_CHECKPOINT)
+
+
+def save_encoder(encoder: AudioEncoder, file: Path) -> None:
+    """The encoder as SyncTalk publishes it: without the ``audio_encoder.`` prefix
+    (loaders add it back)."""
     prefix = "audio_encoder."
     state = {k.removeprefix(prefix): v for k, v in encoder.state_dict().items()}
-    torch.save(state, path / ENCODER_CHECKPOINT)
+    torch.save(state, file)
 
 
 def _square(kind: str) -> tuple[int, int]:
@@ -221,7 +240,13 @@ def _square(kind: str) -> tuple[int, int]:
     return side, side
 
 
-def _writer(path: Path, size: tuple[int, int]) -> cv2.VideoWriter:
+def _writer(path: Path, size: tuple[int, int], codec: str) -> cv2.VideoWriter | H264Writer:
+    if codec == "h264":
+        from workers.h264 import H264Writer  # PyAV loads only where H.264 is written
+
+        return H264Writer(path, size, FPS)
+    if codec != "mp4v":
+        raise ValueError(f"unknown codec {codec!r} (mp4v or h264)")
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), FPS, size)
     if not writer.isOpened():
         raise RuntimeError(f"{path.name}: opencv cannot write mp4v video here")
@@ -257,7 +282,7 @@ def _rects(rng: np.random.Generator, frames: int, size: tuple[int, int]) -> np.n
     return rects
 
 
-class _Scene:
+class Scene:
     """A background with a few moving shapes, and a cartoon face drawn inside the rect."""
 
     def __init__(self, rng: np.random.Generator, size: tuple[int, int]) -> None:
@@ -316,7 +341,7 @@ def _save_weights(
     calibration: list[tuple[np.ndarray, np.ndarray]],
 ) -> None:
     """Random weights, seeded without disturbing the caller's torch RNG, with calibrated
-    batch-norm statistics (see ``_calibrate``)."""
+    batch-norm statistics (see ``calibrate``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet328(WIDTHS[width])
@@ -326,12 +351,12 @@ def _save_weights(
     image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     ids = [int(i) for i in np.linspace(0, len(features) - 1, len(calibration)).round()]
     audio = torch.from_numpy(audio_windows(features, ids))
-    _calibrate(unet, image, audio)
-    _calibrate(encoder, torch.from_numpy(_speechlike_mel(rng)).unsqueeze(1))
+    calibrate(unet, image, audio)
+    calibrate(encoder, torch.from_numpy(_speechlike_mel(rng)).unsqueeze(1))
     save_checkpoints(path, unet, encoder)
 
 
-def _calibrate(module: nn.Module, *inputs: torch.Tensor) -> None:
+def calibrate(module: nn.Module, *inputs: torch.Tensor) -> None:
     """Set every batch norm's running statistics to what it sees on ``inputs``.
 
     At random initialisation (running mean 0, variance 1) the signal shrinks layer after

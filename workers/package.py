@@ -46,6 +46,7 @@ __all__ = [
     "load_package",
     "package_dir",
     "probe_video",
+    "read_features",
 ]
 
 PACKAGE_VERSION = "2.0"
@@ -130,6 +131,7 @@ class Package:
     arch: str = "unet328"
     audio_mode: str = "ave"
     channels: tuple[int, ...] = _DEFAULT_CHANNELS
+    feather_px: int = 0  # paste.feather_px: 0 = SyncTalk's hard-edged paste (workers.paste)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -194,6 +196,20 @@ def probe_video(path: Path) -> tuple[int, int, int, float]:
     return max(count, 0), width, height, fps
 
 
+def read_features(file: Path) -> np.ndarray:
+    """An ``aud_ave.npy``, memory-mapped read-only, or ``ValueError`` saying what is wrong
+    with it (float32 ``[M, 512]``, M >= 1; the message leaves the file name to the caller)."""
+    try:
+        arr: np.ndarray = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError for damaged files
+        raise ValueError(f"unreadable or truncated ({exc})") from None
+    if arr.dtype != np.float32:
+        raise ValueError(f"dtype is {arr.dtype}, expected float32")
+    if arr.ndim != 2 or arr.shape[1] != FEATURE_DIM or arr.shape[0] < 1:
+        raise ValueError(f"shape is {list(arr.shape)}, expected [M, {FEATURE_DIM}]")
+    return arr
+
+
 def load_package(models_dir: str | os.PathLike[str], name: str) -> Package:
     """Check package ``name`` in ``models_dir`` and describe it, or raise ``PackageError``.
 
@@ -251,6 +267,7 @@ class _Checker:
         features = self._features()
         checkpoint, encoder = self._checkpoints()
         fps = self._fps(videos_info, videos)
+        feather_px = self._paste_block(info, rects)
         self.raise_if_failed()
         assert rects is not None and features is not None and checkpoint is not None
         if frame_count <= 0:
@@ -270,6 +287,7 @@ class _Checker:
             arch=model[0],
             audio_mode=model[1],
             channels=model[2],
+            feather_px=feather_px,
             warnings=self.warnings,
         )
 
@@ -323,6 +341,28 @@ class _Checker:
             self.fail(f"{INFO_FILE}: model.channels must be 5 positive even integers")
             return str(arch), str(mode), _DEFAULT_CHANNELS
         return str(arch), str(mode), tuple(channels)
+
+    def _paste_block(self, info: dict[str, Any], rects: np.ndarray | None) -> int:
+        """``paste.feather_px``: an integer from 0 to half the smallest face rect."""
+        block = info.get("paste")
+        if block is None:
+            return 0
+        if not isinstance(block, dict):
+            self.fail(f"{INFO_FILE}: paste is not a json object")
+            return 0
+        feather = block.get("feather_px", 0)
+        if type(feather) is not int or feather < 0:
+            self.fail(f"{INFO_FILE}: paste.feather_px must be an integer >= 0, not {feather!r}")
+            return 0
+        if rects is not None and len(rects):
+            smallest = int((rects[:, 2] - rects[:, 0]).min())
+            if feather > smallest // 2:
+                self.fail(
+                    f"{INFO_FILE}: paste.feather_px {feather} is more than half the smallest "
+                    f"face rect ({smallest} px)"
+                )
+                return 0
+        return feather
 
     def _videos(self, videos_info: dict[str, Any]) -> dict[str, VideoSpec]:
         videos: dict[str, VideoSpec] = {}
@@ -401,17 +441,10 @@ class _Checker:
             self.fail(f"{AUDIO_FEATURES}: missing")
             return None
         try:
-            arr: np.ndarray = np.load(file, mmap_mode="r", allow_pickle=False)
-        except Exception as exc:  # numpy raises ValueError/OSError/EOFError for damaged files
-            self.fail(f"{AUDIO_FEATURES}: unreadable or truncated ({exc})")
+            return read_features(file)
+        except ValueError as exc:
+            self.fail(f"{AUDIO_FEATURES}: {exc}")
             return None
-        if arr.dtype != np.float32:
-            self.fail(f"{AUDIO_FEATURES}: dtype is {arr.dtype}, expected float32")
-            return None
-        if arr.ndim != 2 or arr.shape[1] != FEATURE_DIM or arr.shape[0] < 1:
-            self.fail(f"{AUDIO_FEATURES}: shape is {list(arr.shape)}, expected [M, {FEATURE_DIM}]")
-            return None
-        return arr
 
     def _checkpoints(self) -> tuple[Path | None, Path | None]:
         checkpoint = next((self.path / c for c in CHECKPOINTS if (self.path / c).is_file()), None)

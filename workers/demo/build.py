@@ -42,6 +42,7 @@ from workers.unet import WIDTHS, UNet328
 
 
 __all__ = [
+    "DEMO_FEATHER_PX",
     "DEMO_FRAMES",
     "WEIGHTS_FILE",
     "build_demo_package",
@@ -54,6 +55,10 @@ __all__ = [
 
 DEMO_FRAMES = 100
 """Idle loop length: 4 s at 25 fps."""
+
+DEMO_FEATHER_PX = 12
+"""The demo pastes its face square with a feathered edge (``workers.paste``): with the
+hard edge SyncTalk uses, a lighter square shows around the mouth of the small model."""
 
 WEIGHTS_FILE = Path(__file__).resolve().parent / "demo_weights.pth"
 """The committed weights (fp16 UNet + encoder state dicts and how they were made)."""
@@ -178,7 +183,10 @@ def build_demo_package(
         np.save(tmp / AUDIO_FEATURES, idle_features(encoder, len(loop), seed))
         save_checkpoints(tmp, unet, encoder)
         demo = {"seed": seed, "weights": meta.get("command", "")}
-        extra = {"demo": {"frame_size": list(FRAME_SIZE), "rect_side": RECT_SIDE, **demo}}
+        extra = {
+            "demo": {"frame_size": list(FRAME_SIZE), "rect_side": RECT_SIDE, **demo},
+            "paste": {"feather_px": DEMO_FEATHER_PX},
+        }
         write_metadata(tmp, name, loop.rects, "quarter", extra)
         if final.exists():
             shutil.rmtree(final)

@@ -21,8 +21,10 @@ class Progress:
         enabled: bool = True,
         stream: TextIO | None = None,
         every_s: float = 5.0,
+        label: str = "demo",
     ) -> None:
         self.total = max(1, total)
+        self.label = label
         self.done = 0
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
@@ -61,7 +63,7 @@ class Progress:
         eta = elapsed / frac - elapsed if frac > 0.02 else float("nan")
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
         eta_s = "?" if eta != eta else f"{int(eta) // 60}m{int(eta) % 60:02d}s"
-        line = f"demo [{bar}] {100 * frac:3.0f}% {self.stage} {note} (eta {eta_s})"
+        line = f"{self.label} [{bar}] {100 * frac:3.0f}% {self.stage} {note} (eta {eta_s})"
         if self.tty:
             self.stream.write("\r" + line[:110].ljust(110))
         else:
