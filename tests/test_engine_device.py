@@ -283,3 +283,31 @@ def test_unload_returns_gpu_memory(tiny_package):
     after = torch.cuda.memory_allocated()
     assert loaded > before + 1_000_000  # frames, weights, graphs' buffers
     assert after - before < 1_000_000, (before, loaded, after)
+
+
+def test_a_feathered_package_blends_alike_on_the_device_and_the_host(tiny_package, tmp_path):
+    """``"paste": {"feather_px": N}`` reaches the device paste too: its frames equal the
+    host paste's (``workers.paste``) within a grey level, and differ from the hard paste."""
+    import json
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_package / "tiny", models / "tiny")
+    info_file = models / "tiny" / "package_info.json"
+    info = json.loads(info_file.read_text())
+    info["paste"] = {"feather_px": 6}
+    info_file.write_text(json.dumps(info))
+    items = [InferItem(3, "crop"), InferItem(3, "composite")]
+    out = {}
+    for where, base in (("device", models), ("host", models), ("hard", tiny_package)):
+        paste = "host" if where == "hard" else where
+        b = TorchBackend(base, device="cpu", max_batch=4, resident=True, paste=paste)
+        b.load("tiny")
+        try:
+            out[where] = b.render(b.forward("tiny", items))
+        finally:
+            b.close()
+    for device, host, hard in zip(out["device"], out["host"], out["hard"], strict=True):
+        diff = np.abs(device.astype(int) - host.astype(int))
+        assert diff.max() <= 1
+        assert not np.array_equal(host, hard)
