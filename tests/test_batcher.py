@@ -57,7 +57,8 @@ def play(b: Batcher, script) -> list[tuple]:
             raise AssertionError(event)
         seen += [(now, "refuse", r.job.rid, r.code.value, r.reason) for r in b.refusals()]
         if batch is not None:
-            seen.append((now, "batch", batch.model, [j.rid for j in batch.jobs]))
+            model, jobs = batch
+            seen.append((now, "batch", model, [j.rid for j in jobs]))
     return seen
 
 

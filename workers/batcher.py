@@ -57,11 +57,9 @@ class Estimates(Protocol):
         ...
 
 
-class Batch(NamedTuple):
-    """Jobs of one model to compute together, in queue order."""
-
-    model: str
-    jobs: list[Job]
+Batch = tuple[str, list[Job]]
+"""A model and its jobs to compute together, in queue order; a plain tuple, as cheap to
+make as can be, since the compute loop makes one per batch."""
 
 
 class Refusal(NamedTuple):
@@ -143,7 +141,9 @@ class Batcher:
         if picked is None:
             return None
         jobs = self._refuse_too_late(picked, now)
-        return Batch(picked.model, jobs) if jobs else None
+        if jobs is picked[1]:
+            return picked
+        return (picked[0], jobs) if jobs else None
 
     def refusals(self) -> list[Refusal]:
         """The jobs refused since the last call, in the order refused: answer each."""
@@ -191,7 +191,7 @@ class Batcher:
         jobs = [q.popleft() for _ in range(max(1, size))]
         if not q:
             del queues[chosen]
-        return Batch(chosen, jobs)
+        return chosen, jobs
 
     def _size(self, model: str, head: list[Job], now: float) -> int:
         """How many of ``head`` (the first jobs of ``model``'s queue) the batch takes."""
