@@ -108,10 +108,13 @@ class VideoFrameOpts:
 
     @classmethod
     def from_map(cls, opts: Mapping[str, Any]) -> VideoFrameOpts:
+        """Types only: whether the package has that video, and the quality's range, are
+        the backend's to say (with the video's own name in the message)."""
         video_type = opts.get("video_type", "full_body")
-        if not isinstance(video_type, str):
+        quality = opts.get("quality")
+        if not isinstance(video_type, str) or not (quality is None or _int(quality)):
             raise _bad("bad video_type or quality")
-        return cls(video_type=video_type, quality=_quality(opts.get("quality")))
+        return cls(video_type=video_type, quality=quality)
 
 
 @dataclass(frozen=True, slots=True)

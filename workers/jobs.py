@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.envelope import Op, Request
 from shared.errors import ErrorCode, ServiceError
+from shared.opts import InferOpts
 from workers.backend import InferItem
 
 
@@ -56,31 +57,25 @@ def job_from_request(
 
 
 def infer_item(h: Request, payload: list[bytes], jpeg_quality: int) -> InferItem:
-    """The frame an ``infer`` request asks for, its options checked (``jpeg_quality``: the
-    worker's default). Raises ServiceError (bad_request) naming the option at fault."""
-    opts = h.opts
-    mode = opts.get("mode", "composite")
-    quality = opts.get("quality", jpeg_quality)
-    audio_sr = opts.get("audio_sr", 24000)
-    if mode not in ("crop", "composite"):
-        raise ServiceError(ErrorCode.BAD_REQUEST, "mode must be crop or composite")
-    if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
-        raise ServiceError(ErrorCode.BAD_REQUEST, "quality must be an int in 1..100")
-    if not isinstance(audio_sr, int) or not 8000 <= audio_sr <= 192_000:
-        raise ServiceError(ErrorCode.BAD_REQUEST, "audio_sr must be an int in 8000..192000")
+    """The frame an ``infer`` request asks for, its options checked (``shared.opts``;
+    ``jpeg_quality``: the worker's default). Raises ServiceError (bad_request) naming the
+    option at fault."""
+    opts = InferOpts.from_map(h.opts)
     audio = payload[0] if payload else None
     item = InferItem(
-        frame_id=h.frame, mode=mode, quality=quality, audio=audio, audio_sr=audio_sr, tag=h.id
+        frame_id=h.frame,
+        mode=opts.mode,  # type: ignore[arg-type]  # checked by from_map
+        quality=jpeg_quality if opts.quality is None else opts.quality,
+        audio=audio,
+        audio_sr=opts.audio_sr,
+        tag=h.id,
     )
-    if "audio_t0_ms" in opts:  # a stream frame (docs/streams.md)
-        t0, stream, j = opts["audio_t0_ms"], opts.get("stream"), opts.get("stream_frame")
+    if opts.audio_t0_ms is not None:  # a stream frame (docs/streams.md)
         if audio is None:
             raise ServiceError(ErrorCode.BAD_REQUEST, "audio_t0_ms without audio")
-        if not isinstance(t0, int | float) or isinstance(t0, bool):
-            raise ServiceError(ErrorCode.BAD_REQUEST, "audio_t0_ms must be a number")
-        if stream is not None and (not isinstance(stream, str) or len(stream) > 128):
-            raise ServiceError(ErrorCode.BAD_REQUEST, "stream must be a short string")
-        if not isinstance(j, int) or isinstance(j, bool) or j < 0:
-            raise ServiceError(ErrorCode.BAD_REQUEST, "stream_frame must be an int >= 0")
-        item.audio_t0_ms, item.stream, item.stream_frame = float(t0), stream, j
+        item.audio_t0_ms, item.stream, item.stream_frame = (
+            opts.audio_t0_ms,
+            opts.stream,
+            opts.stream_frame,
+        )
     return item

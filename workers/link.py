@@ -47,10 +47,11 @@ from shared.envelope import (
     peek_id,
 )
 from shared.errors import ErrorCode, ServiceError
+from shared.logs import RateLimitedLog
 from shared.modelstats import ModelStatsBook
 from workers.jobs import job_from_request
 from workers.outbox import ANSWER, CONTROL
-from workers.telemetry import Counters, LimitedLog
+from workers.telemetry import Counters
 
 
 __all__ = ["BrokerLink", "reconnect_backoff"]
@@ -93,7 +94,7 @@ class BrokerLink:
         models: dict[str, dict[str, Any]],
         counters: Counters,
         model_stats: ModelStatsBook,
-        log: LimitedLog,
+        log: RateLimitedLog,
         to_compute: Callable[[tuple[str, Any]], None],
         to_encode: Callable[[tuple[str, Any]], None],
         drain_timeout_s: float,

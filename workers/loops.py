@@ -24,13 +24,15 @@ from typing import Any
 
 from shared.envelope import Error, Op, Reply
 from shared.errors import ErrorCode, ServiceError
+from shared.logs import RateLimitedLog
 from shared.modelstats import ModelStatsBook
+from shared.opts import VideoFrameOpts
 from workers.backend import Backend, ForwardBatch, InferResult
 from workers.batcher import EXPIRED_MESSAGE, Batch, Batcher
 from workers.jobs import Job
 from workers.outbox import Outbox
 from workers.servicetime import ServiceTimes
-from workers.telemetry import Counters, LimitedLog
+from workers.telemetry import Counters
 
 
 __all__ = ["ENCODE_DEPTH", "ComputeLoop", "EncodeLoop", "LoopContext", "Replies"]
@@ -54,7 +56,7 @@ class LoopContext:
     counters: Counters
     model_stats: ModelStatsBook
     service_times: ServiceTimes
-    log: LimitedLog
+    log: RateLimitedLog
     session: Callable[[], int]  # the current session (the I/O thread moves it on)
     outbox: Callable[[], Outbox]  # a new outbox, for the calling thread alone
 
@@ -268,12 +270,10 @@ class EncodeLoop:
             ctx.counters.add("expired")
             replies.error(job, ErrorCode.DEADLINE_EXCEEDED, EXPIRED_MESSAGE)
             return
-        video_type = job.opts.get("video_type", "full_body")
-        quality = job.opts.get("quality", self.jpeg_quality)
         try:
-            if not isinstance(video_type, str) or not isinstance(quality, int):
-                raise ServiceError(ErrorCode.BAD_REQUEST, "bad video_type or quality")
-            jpeg = ctx.backend.video_frame(job.model, job.frame, video_type, quality)
+            opts = VideoFrameOpts.from_map(job.opts)
+            quality = self.jpeg_quality if opts.quality is None else opts.quality
+            jpeg = ctx.backend.video_frame(job.model, job.frame, opts.video_type, quality)
         except Exception as exc:
             replies.fail([job], exc)
             return

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from shared.config import WorkerConfig
+from shared.logs import RateLimitedLog
 from shared.modelstats import ModelStatsBook
 from workers.backend import Backend
 from workers.batcher import Batcher
@@ -38,7 +39,7 @@ from workers.link import BrokerLink, reconnect_backoff
 from workers.loops import ENCODE_DEPTH, ComputeLoop, EncodeLoop, Item, LoopContext
 from workers.outbox import Outbox, model_map
 from workers.servicetime import ServiceTimes
-from workers.telemetry import Counters, LimitedLog
+from workers.telemetry import LOG_EVERY_S, Counters
 
 
 __all__ = ["ENCODE_DEPTH", "Job", "WorkerRuntime", "reconnect_backoff", "warm_up"]
@@ -85,7 +86,7 @@ class WorkerRuntime:
         self._inbox: queue.Queue[Item] = queue.Queue()
         self._encode_q: queue.Queue[Item] = queue.Queue()
         encode_slots = threading.Semaphore(ENCODE_DEPTH)
-        log = LimitedLog(logger)
+        log = RateLimitedLog(logger, every_s=LOG_EVERY_S)
         self._link = BrokerLink(
             config,
             self._context,

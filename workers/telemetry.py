@@ -1,16 +1,15 @@
 """What every thread of the worker reports into: its counters (sent to the broker in
-heartbeats, shown in the broker's ``stats``) and one rate-limited warning log (a broken
-request repeated thousands of times a second must not flood the log, nor slow the threads
-that write it)."""
+heartbeats, shown in the broker's ``stats``), and how often its threads' shared
+rate-limited warning log (``shared.logs.RateLimitedLog``) may speak: a broken request
+repeated thousands of times a second must not flood the log, nor slow the threads that
+write it."""
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 
 
-__all__ = ["LOG_EVERY_S", "Counters", "LimitedLog"]
+__all__ = ["LOG_EVERY_S", "Counters"]
 
 LOG_EVERY_S = 5.0
 """At most one warning this often, from all threads together."""
@@ -45,19 +44,3 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
-
-
-class LimitedLog:
-    """Warnings at most once per ``every_s``; the ones in between are not logged. Shared by
-    the worker's threads (a lost race logs one warning more, which is harmless)."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
-        self.logger = logger
-        self.every_s = every_s
-        self._logged_at = -every_s
-
-    def warning(self, fmt: str, *args: object, exc_info: BaseException | None = None) -> None:
-        now = time.monotonic()
-        if now - self._logged_at >= self.every_s:
-            self._logged_at = now
-            self.logger.warning(fmt, *args, exc_info=exc_info)
