@@ -81,14 +81,14 @@ class InferOpts:
         if t0 is not None:
             if not isinstance(t0, int | float) or isinstance(t0, bool):
                 raise _bad("audio_t0_ms must be a number")
-            if not _int(j) or j < 0:
+            if not isinstance(j, int) or isinstance(j, bool) or j < 0:
                 raise _bad("stream_frame must be an int >= 0")
         return cls(
             mode=mode,
             quality=_quality(opts.get("quality")),
             audio_sr=audio_sr,
             stream=stream,
-            stream_frame=int(j) if t0 is not None else 0,
+            stream_frame=j if isinstance(j, int) and t0 is not None else 0,
             audio_t0_ms=float(t0) if t0 is not None else None,
         )
 

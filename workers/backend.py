@@ -20,6 +20,7 @@ __all__ = [
     "ForwardBatch",
     "InferItem",
     "InferResult",
+    "Mode",
     "ModelInfo",
 ]
 

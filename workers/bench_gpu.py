@@ -41,7 +41,7 @@ from typing import Any, cast
 import psutil
 import torch
 
-from workers.backend import InferItem
+from workers.backend import InferItem, Mode
 from workers.bench_model import _time, machine
 from workers.engine import TorchBackend
 from workers.graphs import StaticRunner
@@ -51,7 +51,7 @@ from workers.unet import IMAGE_SIZE, UNet328, prepare_module, resolve_device, wi
 
 __all__ = ["bench_bare", "bench_worker", "main"]
 
-MODES = ("crop", "composite")
+MODES: tuple[Mode, ...] = ("crop", "composite")
 STAGES = ("prepare", "inference", "composite", "encode")
 
 
@@ -123,7 +123,7 @@ def _bare_cell(
 
 
 def bench_worker(
-    backend: TorchBackend, model: str, mode: str, batch: int, seconds: float
+    backend: TorchBackend, model: str, mode: Mode, batch: int, seconds: float
 ) -> dict[str, Any]:
     """The worker's frames/s in ``mode`` at ``batch``: forward here, encode on a second
     thread, at most two batches between them (the runtime's ``ENCODE_DEPTH``)."""

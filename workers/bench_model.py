@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -126,7 +127,10 @@ def bench_unet(
     """Per batch size, the whole forward; with ``cached``, also ``decode`` alone (what a
     worker runs once ``workers.skipcache`` holds the frames' image half), timed in
     alternation with the whole forward so that both see the same machine."""
-    model = prepare_module(UNet328(WIDTHS[width]), device, half=half, channels_last=channels_last)
+    model = cast(
+        UNet328,
+        prepare_module(UNet328(WIDTHS[width]), device, half=half, channels_last=channels_last),
+    )
     dtype = torch.float16 if half else torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     results: list[Result] = []

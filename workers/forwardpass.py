@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
+import numpy as np
 import torch
 
 from workers import devicepaste
@@ -60,11 +61,11 @@ class ForwardPass:
             return torch.cat([rois, masked], dim=3)
         b = len(frame_ids)
         staged = torch.empty((b, ROI_SIZE, ROI_SIZE, 6), dtype=torch.uint8, pin_memory=self.cuda)
-        images = staged.numpy()
-        rois, masked = m.frames("rois_320"), m.frames("model_inputs")
+        images: np.ndarray = staged.numpy()
+        host_rois, host_masked = m.frames("rois_320"), m.frames("model_inputs")
         for j, i in enumerate(frame_ids):
-            images[j, :, :, :3] = rois[i]
-            images[j, :, :, 3:] = masked[i]
+            images[j, :, :, :3] = host_rois[i]
+            images[j, :, :, 3:] = host_masked[i]
         return staged.to(dev, non_blocking=True)
 
     def run(

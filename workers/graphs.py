@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ class StaticRunner:
                     self._outputs.clear()
                     _log_fallback(f"capture failed ({type(exc).__name__}: {exc})"[:300])
 
-    def _capture(self, pool: object | None) -> None:
+    def _capture(self, pool: Any) -> None:  # a CUDA graph pool handle, or None
         if pool is None:
             pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)

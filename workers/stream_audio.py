@@ -165,9 +165,9 @@ class StreamAudio:
                 batch.fresh_mel.append(index)
         self.encoded += len(batch.mels)
         for key, index in index_of.items():
-            row = self._reserve(key)
-            if row is not None:
-                batch.writes[row] = index  # a row reused within the batch: the last wins
+            reserved = self._reserve(key)
+            if reserved is not None:
+                batch.writes[reserved] = index  # a row reused within the batch: the last wins
         return batch
 
     def assemble(self, batch: StreamBatch, feats: torch.Tensor) -> torch.Tensor:

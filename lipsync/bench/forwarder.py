@@ -132,7 +132,7 @@ def serve_forwarder(frontend: str, backend: str) -> None:
 def drive(frontend: str, in_flight: int, seconds: float) -> float:
     """Requests/s a raw client gets with ``in_flight`` requests out for ``seconds`` (after
     a warm-up that waits for the first answer)."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(frontend)

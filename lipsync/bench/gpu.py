@@ -368,7 +368,7 @@ def targets(report: dict[str, Any]) -> list[list[Any]]:
     best = max(bare, key=lambda r: r["frames_per_s"], default=None)
     bare_fps = best["frames_per_s"] if best else None
     rows: list[list[Any]] = []
-    if best:
+    if best and bare_fps is not None:
         rows.append(["bare model fp16 ≥ 2,500 frames/s at its best batch",
                      f"{bare_fps:,.0f} ({best['variant']}, batch {best['batch']})",
                      _ratio(bare_fps, 2500), _yes(bare_fps >= 2500)])  # fmt: skip

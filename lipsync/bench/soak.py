@@ -315,7 +315,7 @@ async def soak(minutes: float, *, clients: int, window: int, rate: float, run_di
             recovered = await _wait_whole(system, at)
             window_end = time.monotonic() + 1.0
             await asyncio.sleep(1.0)
-            errors = Counter(
+            errors: Counter[str] = Counter(
                 o.kind
                 for o in ledger.outcomes
                 if o.kind != "ok" and at <= o.answered_at <= window_end
@@ -336,7 +336,7 @@ async def soak(minutes: float, *, clients: int, window: int, rate: float, run_di
     finally:
         system.stop()
     summary = ledger.summary()
-    errors = dict(sorted(ledger.errors().items()))
+    error_kinds = dict(sorted(ledger.errors().items()))
     return {
         "minutes": round(duration / 60, 2),
         "clients": clients,
@@ -345,7 +345,7 @@ async def soak(minutes: float, *, clients: int, window: int, rate: float, run_di
         "seed": seed,
         "fault_kinds": list(kinds),
         **summary,
-        "errors": errors,
+        "errors": error_kinds,
         "requests_per_s": round(ledger.sent / duration, 1) if duration else 0,
         "faults": [asdict(f) for f in faults],
         "fault_counts": dict(Counter(f.kind for f in faults)),

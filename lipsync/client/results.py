@@ -85,7 +85,8 @@ class Metadata:
 
     @classmethod
     def from_json(cls, m: dict[str, Any]) -> Metadata:
-        serving = m.get("serving") if isinstance(m.get("serving"), dict) else {}
+        found = m.get("serving")
+        serving: dict[str, Any] = found if isinstance(found, dict) else {}
         return cls(
             model_name=str(m.get("model_name", "")),
             frame_count=_int(m.get("frame_count")),

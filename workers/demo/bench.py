@@ -80,7 +80,10 @@ def measure_sync(backend: TorchBackend, audio16k: np.ndarray, batch: int = 4) ->
     for res in _run(backend, items, batch):
         if isinstance(res, BaseException):
             raise res
-        crops.append(cv2.imdecode(np.frombuffer(res.jpeg, np.uint8), cv2.IMREAD_COLOR))
+        crop = cv2.imdecode(np.frombuffer(res.jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if crop is None:
+            raise ValueError("the engine answered with an unreadable JPEG")
+        crops.append(crop)
     report = sync_report(np.stack(crops), audio16k)
     openings = [mouth_opening(c) for c in crops]
     return {"report": report, "crops": crops, "most_open": int(np.argmax(openings))}

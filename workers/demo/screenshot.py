@@ -66,6 +66,8 @@ def _speech_wav(path: Path, text: str) -> Path:
 def _mouth_score(png: bytes, box: list[float]) -> int:
     """Dark pixels in the lower middle of the face rectangle: the open mouth."""
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError("the screenshot is not a PNG")
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     w, h = x2 - x1, y2 - y1
     region = image[y1 + h // 4 : y1 + 3 * h // 4, x1 + w // 5 : x2 - w // 5]

@@ -157,7 +157,8 @@ class _Sampler:
         opening = float(self.rng.choice([0.0, self.rng.uniform(0.0, 1.0)]))
         roi = target_roi(self.poses[j], opening, float(self.rng.uniform(0.7, 1.25)))
         ok, jpeg = cv2.imencode(".jpg", roi, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        return cv2.imdecode(jpeg, cv2.IMREAD_COLOR) if ok else roi
+        decoded = cv2.imdecode(jpeg, cv2.IMREAD_COLOR) if ok else None
+        return decoded if decoded is not None else roi
 
 
 def _to_chw(images: np.ndarray) -> torch.Tensor:
@@ -195,7 +196,7 @@ def _pass_through(block: nn.Module, src: list[int], dst: list[int]) -> None:
     its centre tap, so image borders add nothing. Each batch norm normalises, so output
     ``dst[k]`` is input ``src[k]`` standardised.
     """
-    conv = block.conv  # type: ignore[union-attr]
+    conv: Any = block.conv  # nn.Module attributes are untyped chains
     with torch.no_grad():
         for k, (s, d) in enumerate(zip(src, dst, strict=True)):
             conv[0].weight[k].zero_()
@@ -223,23 +224,24 @@ def _identity_init(unet: UNet328, rois: np.ndarray) -> None:
     Training then spends its steps on the mouth: learning to copy a face region through a
     randomly initialised UNet takes more steps than the whole CPU budget.
     """
-    skip = unet.inc.inconv[0].conv[6].out_channels
-    width_in = unet.up5.conv.double_conv[0].conv[0].in_channels
-    _pass_through(unet.inc.inconv[0], [0, 1, 2], [0, 1, 2])
+    net: Any = unet  # nn.Module attribute chains are untyped
+    skip = net.inc.inconv[0].conv[6].out_channels
+    width_in = net.up5.conv.double_conv[0].conv[0].in_channels
+    _pass_through(net.inc.inconv[0], [0, 1, 2], [0, 1, 2])
     up = width_in - skip  # up5 sees cat([upsampled deep path, inc output])
-    _pass_through(unet.up5.conv.double_conv[0], [up, up + 1, up + 2], [0, 1, 2])
+    _pass_through(net.up5.conv.double_conv[0], [up, up + 1, up + 2], [0, 1, 2])
     x = torch.from_numpy(rois[::4]).permute(0, 3, 1, 2).double() / 255.0
     with torch.no_grad():
-        unet.up5.conv.double_conv[1].conv[7].weight.mul_(_GATE)
-        unet.outc.conv.weight.mul_(_GATE)
+        net.up5.conv.double_conv[1].conv[7].weight.mul_(_GATE)
+        net.outc.conv.weight.mul_(_GATE)
         for c in range(3):
             v = x[:, c].flatten()
             n = (v - v.mean()) / v.std()
             t = torch.logit(v.clamp(0.02, 0.98))
             slope = float(((n - n.mean()) * (t - t.mean())).mean() / n.var())
-            unet.outc.conv.weight[c, :3, 0, 0] = 0.0
-            unet.outc.conv.weight[c, c, 0, 0] = slope
-            unet.outc.conv.bias[c] = float(t.mean()) - slope * float(n.mean())
+            net.outc.conv.weight[c, :3, 0, 0] = 0.0
+            net.outc.conv.weight[c, c, 0, 0] = slope
+            net.outc.conv.bias[c] = float(t.mean()) - slope * float(n.mean())
 
 
 def _change_weight(target: np.ndarray, reference: np.ndarray, extra: float) -> np.ndarray:
@@ -435,13 +437,13 @@ def _train(
     stage = _Stage(opt, prog, cfg.joint_batch * _SECONDS_PER_SAMPLE["joint"])
     for step in range(cfg.joint_steps):
         _set_lr(opt, _cosine(step, cfg.joint_steps, cfg.joint_lr, warmup=3))
-        picks = []
+        samples: list[tuple[int, int, int]] = []
         for _ in range(cfg.joint_batch):
             c, i = sampler.frame()
-            picks.append((c, i, int(rng.integers(0, len(poses)))))
+            samples.append((c, i, int(rng.integers(0, len(poses)))))
         # The 16 rows of each sample: clip windows i-8..i+7, zero rows outside the clip.
         mel_rows, present = [], []
-        for c, i, _j in picks:
+        for c, i, _j in samples:
             n = clips[c].n_frames
             for r in range(i - 8, i + 8):
                 ok = 0 <= r < n
@@ -450,16 +452,16 @@ def _train(
         mel = torch.from_numpy(np.stack(mel_rows)).unsqueeze(1)
         rows = encoder(mel) * torch.tensor(present, dtype=torch.float32).unsqueeze(1)
         audio = rows.reshape(cfg.joint_batch, 32, 16, 16)
-        refs = [sampler.reference(j, rois, cfg.random_reference) for _c, _i, j in picks]
+        refs = [sampler.reference(j, rois, cfg.random_reference) for _c, _i, j in samples]
         x = _to_chw(
             np.stack(
                 [
                     np.concatenate([r, masked[j]], 2)
-                    for r, (_c, _i, j) in zip(refs, picks, strict=True)
+                    for r, (_c, _i, j) in zip(refs, samples, strict=True)
                 ]
             )
         )
-        targets = [sampler.target(c, i, j) for c, i, j in picks]
+        targets = [sampler.target(c, i, j) for c, i, j in samples]
         y = _to_chw(np.stack(targets))
         wgt = torch.from_numpy(
             np.stack(
