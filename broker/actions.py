@@ -74,11 +74,12 @@ class Outbox:
         self._debug = debug
         self._actions: list[Action] = []
 
-    def take(self) -> list[Action]:
+    def take(self) -> Sequence[Action]:
         """The actions so far, in order; the outbox is empty afterwards."""
         actions = self._actions
-        if actions:
-            self._actions = []
+        if not actions:
+            return ()  # most events send nothing: no new list for them
+        self._actions = []
         return actions
 
     def to_worker(self, record: WorkerRecord, header: Header, payload: Sequence[Any] = ()) -> None:

@@ -22,6 +22,7 @@ answered ``bad_request`` when they carry a usable request id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from broker.actions import Action, Outbox, ToGateway, Undelivered
@@ -109,7 +110,7 @@ class BrokerCore:
 
     # -- gateways ----------------------------------------------------------------------
 
-    def from_gateway(self, identity: bytes, message: Message, now: float) -> list[Action]:
+    def from_gateway(self, identity: bytes, message: Message, now: float) -> Sequence[Action]:
         """One message from a gateway: REQUEST, CANCEL, HEARTBEAT or DISCONNECT."""
         self.out.now = now
         self.liveness.gateway_seen(identity, now)
@@ -134,7 +135,7 @@ class BrokerCore:
 
     def bad_from_gateway(
         self, identity: bytes, why: str, rid: int | None, now: float
-    ) -> list[Action]:
+    ) -> Sequence[Action]:
         """A gateway's message that did not decode (``why``); ``rid`` its id if readable."""
         self.out.now = now
         self.liveness.gateway_seen(identity, now)
@@ -184,7 +185,7 @@ class BrokerCore:
 
     # -- workers -----------------------------------------------------------------------
 
-    def from_worker(self, identity: bytes, message: Message, now: float) -> list[Action]:
+    def from_worker(self, identity: bytes, message: Message, now: float) -> Sequence[Action]:
         """One message from a worker: READY, HEARTBEAT, REPLY, ERROR or DISCONNECT."""
         self.out.now = now
         record = self.registry.get(identity)
@@ -215,7 +216,7 @@ class BrokerCore:
 
     def bad_from_worker(
         self, identity: bytes, why: str, rid: int | None, now: float
-    ) -> list[Action]:
+    ) -> Sequence[Action]:
         """A worker's message that did not decode; a reply we cannot read still ends its
         request (``rid``, if readable and in flight there): answered, credit freed."""
         self.out.now = now
@@ -268,7 +269,7 @@ class BrokerCore:
 
     # -- time ----------------------------------------------------------------------------
 
-    def tick(self, now: float) -> list[Action]:
+    def tick(self, now: float) -> Sequence[Action]:
         """Timers (deadlines, the warm-up's end), liveness when due, then dispatch."""
         self.out.now = now
         if self.warmup.due(now):
@@ -292,7 +293,7 @@ class BrokerCore:
 
     # -- sends that failed, shutdown, stats ------------------------------------------------
 
-    def undelivered(self, failures: list[Undelivered], now: float) -> list[Action]:
+    def undelivered(self, failures: list[Undelivered], now: float) -> Sequence[Action]:
         """Actions the server could not send. A worker that cannot be sent to is dead (its
         requests that never left go to another worker); a gateway that cannot be
         heartbeated is forgotten; an answer to a gone gateway is counted ``undeliverable``."""
@@ -318,7 +319,7 @@ class BrokerCore:
         self.scheduler.dispatch_all(now)
         return self.out.take()
 
-    def shutdown(self, now: float) -> list[Action]:
+    def shutdown(self, now: float) -> Sequence[Action]:
         """Answer everything pending ``shutting_down`` and tell workers to leave; from now
         on new requests are refused ``shutting_down``."""
         self.out.now = now

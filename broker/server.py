@@ -16,7 +16,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -172,7 +172,7 @@ class Broker:
             return
         self._send(self.core.from_worker(identity, message, now))
 
-    def _send(self, actions: list[Action]) -> None:
+    def _send(self, actions: Sequence[Action]) -> None:
         """Send each action; what cannot be sent goes back to the core, which may answer
         with more to send (a dead worker's requests, sent to another)."""
         heartbeat = self.core.heartbeat
@@ -196,7 +196,7 @@ class Broker:
                     if to_worker:
                         gone[action.identity] = why
                     failed.append(Undelivered(action, why))
-            actions = self.core.undelivered(failed, time.monotonic()) if failed else []
+            actions = self.core.undelivered(failed, time.monotonic()) if failed else ()
 
 
 def _why_not_sent(exc: zmq.ZMQError) -> str:
