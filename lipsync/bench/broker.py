@@ -1,4 +1,4 @@
-"""``python -m broker.bench``: what the broker and worker runtime cost, without a model.
+"""``python -m lipsync.bench.broker``: what the broker and worker runtime cost, without a model.
 
 Starts a broker and N null workers (``--backend null``) as subprocesses on free loopback
 ports, drives them with ``BrokerClient``, and prints three tables:
@@ -12,8 +12,9 @@ ports, drives them with ``BrokerClient``, and prints three tables:
 3. **ceiling**: zero service time, many requests in flight: the most requests/s the broker
    and runtime pass on this machine (the client shares the CPU with them).
 
-This is a tool, not a test: it prints numbers and asserts nothing. It imports the
-gateway's ``BrokerClient`` (the broker process itself never does).
+This is a tool, not a test: it prints numbers and asserts nothing. It lives apart from
+``broker/`` because it drives the system from outside, through the gateway's
+``BrokerClient`` (``broker/`` imports only ``shared/``).
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 
 __all__ = ["main"]
 
 HEARTBEAT_S = 0.5
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -185,7 +187,7 @@ def _run_point(args: argparse.Namespace, workers: int, delay_ms: float, concurre
         return _run_async(_measure(frontend, workers, delay_ms, concurrency, args.seconds))
 
 
-def _run_async(coro: Any) -> Any:
+def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         import uvloop
 
@@ -196,7 +198,7 @@ def _run_async(coro: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.bench", description=__doc__.splitlines()[0]
+        prog="python -m lipsync.bench.broker", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--workers", default="1,2,4", help="worker counts to scale over")
     parser.add_argument(
@@ -207,7 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per point")
     parser.add_argument("--ceiling-concurrency", type=int, default=128)
     args = parser.parse_args(argv)
-    counts = [int(n) for n in args.workers.split(",")]
+    try:
+        counts = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers: a comma-separated list of counts, not {args.workers!r}")
+    if min(counts) < 1:
+        parser.error("--workers: each count must be at least 1")
+    if args.delay_ms < 0:
+        parser.error("--delay-ms must be >= 0")
+    if args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+    if args.capacity < 1 or args.max_batch < 1 or args.ceiling_concurrency < 1:
+        parser.error("--capacity, --max-batch and --ceiling-concurrency must be at least 1")
 
     print(
         f"# broker bench: {platform.node()}, {os.cpu_count()} CPUs, "
@@ -223,9 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in counts:
         r = _run_point(args, n, args.delay_ms, 2 * n * args.capacity)
-        ideal = n * 1000 / args.delay_ms
+        if args.delay_ms > 0:
+            ideal = n * 1000 / args.delay_ms
+            ideal_cells = f"{ideal:.0f} | {r.rate:.1f} | {r.rate / ideal:.3f}"
+        else:  # no service time: no ideal rate to compare with (the ceiling table's case)
+            ideal_cells = f"- | {r.rate:.1f} | -"
         print(
-            f"| {n} | {ideal:.0f} | {r.rate:.1f} | {r.rate / ideal:.3f} | "
+            f"| {n} | {ideal_cells} | "
             f"{r.percentile(50):.1f} | {r.percentile(99):.1f} | {r.errors} |",
             flush=True,
         )
@@ -233,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## added latency (one request at a time, one worker)\n")
     print("| service time ms | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for delay in (0.0, args.delay_ms):
+    for delay in sorted({0.0, args.delay_ms}):
         r = _run_point(args, 1, delay, 1)
         print(
             f"| {delay:g} | {r.rate:.1f} | {r.percentile(50):.2f} | {r.percentile(99):.2f} | "
@@ -244,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## ceiling (service time 0, {args.ceiling_concurrency} in flight)\n")
     print("| workers | req/s | p50 ms | p99 ms | errors |")
     print("|---:|---:|---:|---:|---:|")
-    for n in (1, max(counts)):
+    for n in sorted({1, max(counts)}):
         r = _run_point(args, n, 0.0, args.ceiling_concurrency)
         print(
             f"| {n} | {r.rate:.0f} | {r.percentile(50):.1f} | {r.percentile(99):.1f} | "
