@@ -12,6 +12,10 @@ ports, drives them with ``BrokerClient``, and prints three tables:
 3. **ceiling**: zero service time, many requests in flight: the most requests/s the broker
    and runtime pass on this machine (the client shares the CPU with them).
 
+The scaling and ceiling tables also give the broker process's own CPU time per request
+answered in the window (user + system, from ``psutil``): the rates move with whatever
+else runs on the machine, the broker's cost per request much less.
+
 This is a tool, not a test: it prints numbers and asserts nothing. It lives apart from
 ``broker/`` because it drives the system from outside, through the gateway's
 ``BrokerClient`` (``broker/`` imports only ``shared/``).
@@ -50,10 +54,17 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    broker_cpu_s: float  # the broker process's CPU time (user + system) in the window
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def broker_us(self) -> float:
+        """Broker CPU microseconds per request answered in the window."""
+        answered = self.requests + self.errors
+        return self.broker_cpu_s / answered * 1e6 if answered else float("nan")
 
     def percentile(self, q: float) -> float:
         values = sorted(self.latencies_ms)
@@ -69,8 +80,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _system(workers: int, args: argparse.Namespace, delay_ms: float) -> Iterator[str]:
-    """Broker + ``workers`` null workers; yields the frontend address; kills all after."""
+def _system(workers: int, args: argparse.Namespace, delay_ms: float) -> Iterator[tuple[str, int]]:
+    """Broker + ``workers`` null workers; yields the frontend address and the broker's pid;
+    kills all after."""
     frontend = f"tcp://127.0.0.1:{_free_port()}"
     backend = f"tcp://127.0.0.1:{_free_port()}"
     env = {**os.environ, "LIPSYNC_HEARTBEAT_S": str(HEARTBEAT_S), "LIPSYNC_LOG_LEVEL": "WARNING"}
@@ -121,7 +133,7 @@ def _system(workers: int, args: argparse.Namespace, delay_ms: float) -> Iterator
                         env=env,
                     )
                 )
-            yield frontend
+            yield frontend, procs[0].pid
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -134,8 +146,10 @@ def _system(workers: int, args: argparse.Namespace, delay_ms: float) -> Iterator
 
 
 async def _measure(
-    frontend: str, workers: int, delay_ms: float, concurrency: int, seconds: float
+    frontend: str, broker_pid: int, workers: int, delay_ms: float, concurrency: int, seconds: float
 ) -> Result:
+    import psutil
+
     from gateway.brokerclient import BrokerClient
     from shared.errors import ServiceError
 
@@ -170,21 +184,30 @@ async def _measure(
                     latencies.append((end - start) * 1000)
                     counts["ok" if ok else "errors"] += 1
 
+        broker = psutil.Process(broker_pid)
+
+        def broker_cpu_s() -> float:
+            times = broker.cpu_times()
+            return float(times.user + times.system)
+
         tasks = [asyncio.create_task(loop(i)) for i in range(concurrency)]
         await asyncio.sleep(min(1.0, seconds / 2))  # warm-up, not measured
         window[0] = time.perf_counter()
         window[1] = window[0] + seconds
+        cpu_start = broker_cpu_s()
+        await asyncio.sleep(seconds)
+        cpu = broker_cpu_s() - cpu_start
         await asyncio.gather(*tasks)
-        return Result(
-            workers, delay_ms, concurrency, counts["ok"], counts["errors"], seconds, latencies
-        )
+        ok, errors = counts["ok"], counts["errors"]
+        return Result(workers, delay_ms, concurrency, ok, errors, seconds, latencies, cpu)
     finally:
         await client.close()
 
 
 def _run_point(args: argparse.Namespace, workers: int, delay_ms: float, concurrency: int) -> Result:
-    with _system(workers, args, delay_ms) as frontend:
-        return _run_async(_measure(frontend, workers, delay_ms, concurrency, args.seconds))
+    with _system(workers, args, delay_ms) as (frontend, broker_pid):
+        point = _measure(frontend, broker_pid, workers, delay_ms, concurrency, args.seconds)
+        return _run_async(point)
 
 
 def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
@@ -232,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     print("## scaling (load: 2 x total credits in flight)\n")
-    print("| workers | ideal req/s | req/s | ratio to ideal | p50 ms | p99 ms | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| workers | ideal req/s | req/s | ratio to ideal | p50 ms | p99 ms | errors "
+        "| broker CPU us/req |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in counts:
         r = _run_point(args, n, args.delay_ms, 2 * n * args.capacity)
         if args.delay_ms > 0:
@@ -243,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             ideal_cells = f"- | {r.rate:.1f} | -"
         print(
             f"| {n} | {ideal_cells} | "
-            f"{r.percentile(50):.1f} | {r.percentile(99):.1f} | {r.errors} |",
+            f"{r.percentile(50):.1f} | {r.percentile(99):.1f} | {r.errors} | "
+            f"{r.broker_us:.0f} |",
             flush=True,
         )
 
@@ -259,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"\n## ceiling (service time 0, {args.ceiling_concurrency} in flight)\n")
-    print("| workers | req/s | p50 ms | p99 ms | errors |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| workers | req/s | p50 ms | p99 ms | errors | broker CPU us/req |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for n in sorted({1, max(counts)}):
         r = _run_point(args, n, 0.0, args.ceiling_concurrency)
         print(
             f"| {n} | {r.rate:.0f} | {r.percentile(50):.1f} | {r.percentile(99):.1f} | "
-            f"{r.errors} |",
+            f"{r.errors} | {r.broker_us:.0f} |",
             flush=True,
         )
     return 0
