@@ -96,7 +96,10 @@ class Outbox:
         """An answer to a gateway, counted under ``outcome`` ("ok" or an error code)."""
         answered = self.totals.answered
         answered[outcome] = answered.get(outcome, 0) + 1
-        self.to_gateway(identity, header, payload)
+        self._actions.append(ToGateway(identity, header, payload))  # as to_gateway, inline
+        gateway = self.gateways.get(identity)
+        if gateway is not None:
+            gateway.last_sent = self.now
 
     def to_gateway(self, identity: bytes, header: Header, payload: Sequence[Any] = ()) -> None:
         self._actions.append(ToGateway(identity, header, payload))

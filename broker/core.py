@@ -10,10 +10,11 @@ Events: ``from_gateway`` / ``bad_from_gateway``, ``from_worker`` / ``bad_from_wo
 ``tick`` (timers, liveness, dispatch: call it after every batch of messages, and by
 ``next_wakeup`` at the latest), ``undelivered``, ``shutdown``.
 
-What the rules are and where they live: credits, queues, deadlines and re-dispatch
-(rules 1, 2, 4, 5, 6) in ``broker.scheduler``; liveness (rule 3: every peer hears from
-the broker at least once an interval, and a peer silent for ``liveness`` intervals is dead)
-here; the warm-up in ``broker.warmup``; fan-outs in ``broker.fanout``.
+What the rules are and where they live (DESIGN.md section 3): credits, queues, deadlines
+and re-dispatch (rules 1, 2, 4, 5, 6) in ``broker.scheduler``; liveness (rule 3) in
+``broker.liveness``; metadata, admin ops and the end of the warm-up in ``broker.ops``;
+the warm-up's state in ``broker.warmup``; fan-outs in ``broker.fanout``. Registration
+(READY) and the message dispatch are here.
 
 Nothing a peer sends can crash it: bad messages are counted, logged at a limited rate and
 answered ``bad_request`` when they carry a usable request id.
@@ -113,7 +114,11 @@ class BrokerCore:
     def from_gateway(self, identity: bytes, message: Message, now: float) -> Sequence[Action]:
         """One message from a gateway: REQUEST, CANCEL, HEARTBEAT or DISCONNECT."""
         self.out.now = now
-        self.liveness.gateway_seen(identity, now)
+        gateway = self.gateways.get(identity)
+        if gateway is None:
+            self.liveness.gateway_seen(identity, now)  # a new one: logged
+        else:
+            gateway.last_seen = now
         header = message.header
         if isinstance(header, Request):
             self._request(identity, header, message.payload, now)
@@ -154,7 +159,7 @@ class BrokerCore:
             logger.debug(
                 "< request %s/%d %s %s#%d", identity.hex(), gid, op, header.model, header.frame
             )
-        if self.requests.in_use(identity, gid):
+        if (identity, gid) in self.requests.by_gateway:
             out.error(identity, gid, ErrorCode.BAD_REQUEST, "request id in use")
         elif op not in Op.ALL:
             out.error(identity, gid, ErrorCode.BAD_REQUEST, f"unknown op {op!r}")
@@ -272,7 +277,7 @@ class BrokerCore:
     def tick(self, now: float) -> Sequence[Action]:
         """Timers (deadlines, the warm-up's end), liveness when due, then dispatch."""
         self.out.now = now
-        if self.warmup.due(now):
+        if self.warmup.warming and now >= self.warmup.until:
             self.ops.end_warmup(now - self.started)
         if self.warmup.parked:
             self.ops.answer_parked(now)

@@ -224,7 +224,10 @@ class Scheduler:
         if not header.worker:
             header.worker = record.id
         outcome = "ok" if isinstance(header, Reply) else header.code
-        self.respond(p, header, payload, outcome)
+        if p.group is None:  # as respond, one call less on the hot path
+            self.out.answer(p.gateway, header, payload, outcome)
+        else:
+            self.respond(p, header, payload, outcome)
 
     def fail(self, p: Pending, code: ErrorCode, message: str) -> None:
         """End ``p`` with an error (once: it is forgotten and orphaned here)."""

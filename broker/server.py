@@ -109,7 +109,9 @@ class Broker:
                 self._drain(self.backend, self._from_worker)
             if self.frontend in events:
                 self._drain(self.frontend, self._from_gateway)
-            self._send(core.tick(time.monotonic()))
+            actions = core.tick(time.monotonic())
+            if actions:
+                self._send(actions)
         self._send(core.shutdown(time.monotonic()))
         self._keep_answering(CLOSING_S)
 
@@ -175,22 +177,24 @@ class Broker:
     def _send(self, actions: Sequence[Action]) -> None:
         """Send each action; what cannot be sent goes back to the core, which may answer
         with more to send (a dead worker's requests, sent to another)."""
-        heartbeat = self.core.heartbeat
+        heartbeat, heartbeat_frames = self.core.heartbeat, self._heartbeat
+        backend, frontend = self.backend, self.frontend
         while actions:
-            failed: list[Undelivered] = []
+            failed: list[Undelivered] = []  # rare: the list and dict below stay empty
             gone: dict[bytes, str] = {}  # workers a send failed to: skip the rest for them
             for action in actions:
                 to_worker = type(action) is ToWorker
-                if to_worker and action.identity in gone:
+                if gone and to_worker and action.identity in gone:
                     failed.append(Undelivered(action, gone[action.identity]))
                     continue
                 if action.header is heartbeat:
-                    frames = self._heartbeat
+                    frames = heartbeat_frames
                 else:
                     frames = encode(action.header, action.payload)
-                sock = self.backend if to_worker else self.frontend
                 try:
-                    sock.send_multipart([action.identity, *frames], zmq.NOBLOCK, copy=False)
+                    (backend if to_worker else frontend).send_multipart(
+                        [action.identity, *frames], zmq.NOBLOCK, copy=False
+                    )
                 except zmq.ZMQError as exc:
                     why = _why_not_sent(exc)
                     if to_worker:

@@ -34,9 +34,6 @@ class Warmup:
         self.warming = seconds > 0
         self.parked: list[Parked] = []
 
-    def due(self, now: float) -> bool:
-        return self.warming and now >= self.until
-
     def cancel(self, gateway: bytes, gid: int) -> bool:
         """Drop the parked request (gateway, gid); True if there was one."""
         kept = [k for k in self.parked if (k.gateway, k.gid) != (gateway, gid)]
