@@ -7,10 +7,10 @@ them has ended, whatever way it ended (answer, error, worker death, deadline, br
 shutdown). That keeps rule 1 (exactly one answer) for the gateway, and the per-worker
 outcomes say exactly where a package failed to load and why.
 
-How: each child request is accepted under a private "gateway" identity that no ZeroMQ peer
-can have (a routing id of ours starting with a zero byte, longer than ZeroMQ's generated
-ones), so every path that ends a request already ends a child too; the broker hands
-answers for such identities to :meth:`Fanouts.answer` instead of its frontend socket.
+How: each child is an ordinary pending request (``broker.records.Pending``) that carries
+its ``Group``; every path that ends a request ends a child too, and the child's ending is
+recorded in its group instead of being sent to a gateway (``Group.record``). The group
+answers its gateway once, when the last child has ended.
 
 Choice of workers (``reload`` asks to reload where the package is already loaded):
 
@@ -22,40 +22,26 @@ Choice of workers (``reload`` asks to reload where the package is already loaded
 
 from __future__ import annotations
 
-import itertools
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from broker.requests import MAX_ATTEMPTS
-from shared.envelope import EnvelopeError, Error, Op, Reply, Request, decode
+from broker.records import Group, WorkerRecord
+from broker.registry import Registry
+from shared.envelope import Op, Request
 from shared.errors import ErrorCode, ServiceError
+from shared.opts import AdminOpts
 
 
-if TYPE_CHECKING:
-    from broker.registry import Registry, WorkerRecord
-    from broker.server import Broker
+__all__ = ["MAX_FANOUT", "children", "choose_targets"]
 
-__all__ = ["MAX_FANOUT", "PREFIX", "Fanouts", "choose_targets"]
-
-PREFIX = b"\x00lipsync-fanout:"
 MAX_FANOUT = 10_000
 _CHILD_OPTS_DROPPED = frozenset({"workers", "worker", "reload"})
 
 
-@dataclass(eq=False, slots=True)
-class _Group:
-    gateway: bytes
-    gid: int
-    op: str
-    model: str
-    workers: list[str]
-    outcomes: list[dict[str, Any] | None] = field(default_factory=list)
-    remaining: int = 0
-
-
-def choose_targets(registry: Registry, op: str, model: str, spec: Any, reload: bool) -> list[Any]:
+def choose_targets(registry: Registry, header: Request, opts: AdminOpts) -> list[WorkerRecord]:
     """The workers an admin op goes to (see the module docstring). Raises ServiceError."""
+    if not header.model:
+        raise ServiceError(ErrorCode.BAD_REQUEST, "model is required")
+    op, model, spec, reload = header.op, header.model, opts.workers, opts.reload
     if isinstance(spec, bool) or not isinstance(spec, str | int):
         raise ServiceError(ErrorCode.BAD_REQUEST, "workers must be all, a count or a worker id")
     if isinstance(spec, int) and not 1 <= spec <= MAX_FANOUT:
@@ -81,78 +67,18 @@ def choose_targets(registry: Registry, op: str, model: str, spec: Any, reload: b
     return pool if spec == "all" else pool[: int(spec)]
 
 
-class Fanouts:
-    """The broker's fanned-out admin ops in progress."""
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self._groups: dict[bytes, _Group] = {}
-        self._ids = itertools.count(1)
-
-    def __len__(self) -> int:
-        return len(self._groups)
-
-    @staticmethod
-    def owns(identity: bytes) -> bool:
-        return identity.startswith(PREFIX)
-
-    def start(self, identity: bytes, header: Request, payload: list[Any], deadline: float) -> None:
-        b = self.broker
-        opts = header.opts
-        model = header.model
-        try:
-            if not model:
-                raise ServiceError(ErrorCode.BAD_REQUEST, "model is required")
-            targets = choose_targets(
-                b.registry, header.op, model, opts.get("workers"), opts.get("reload") is True
-            )
-        except ServiceError as exc:
-            b._error_to_gateway(identity, header.id, exc.code, exc.message)
-            return
-        key = PREFIX + str(next(self._ids)).encode()
-        group = _Group(
-            identity,
-            header.id,
-            header.op,
-            model,
-            [r.id for r in targets],
-            [None] * len(targets),
-            len(targets),
-        )
-        self._groups[key] = group
-        child_opts = {k: v for k, v in opts.items() if k not in _CHILD_OPTS_DROPPED}
-        now = time.monotonic()
-        for k, worker in enumerate(targets):
-            child = Request(id=k, op=header.op, model=model, ttl_ms=header.ttl_ms, opts=child_opts)
-            p = b._accept(key, child, payload, deadline)
-            p.attempts = MAX_ATTEMPTS - 1  # never re-sent to another worker
-            if not b._send_request(worker, p, now):
-                b._answer_error(p, ErrorCode.WORKER_LOST, "worker unreachable")
-
-    def answer(self, identity: bytes, frames: Any) -> None:
-        """An answer the broker would have sent to ``identity``: one worker's outcome."""
-        group = self._groups.get(bytes(identity))
-        if group is None:
-            return
-        try:
-            header = decode(list(frames)[:2]).header
-        except EnvelopeError:
-            return
-        if not isinstance(header, Reply | Error):
-            return
-        k = header.id
-        if not 0 <= k < len(group.outcomes) or group.outcomes[k] is not None:
-            return
-        worker = group.workers[k]
-        if isinstance(header, Reply):
-            result = header.result if isinstance(header.result, dict) else {}
-            outcome: dict[str, Any] = {"worker": worker, "ok": True}
-            outcome.update((key, v) for key, v in result.items() if key != "model")
-        else:
-            outcome = {"worker": worker, "ok": False, "code": header.code, "error": header.message}
-        group.outcomes[k] = outcome
-        group.remaining -= 1
-        if group.remaining == 0:
-            del self._groups[bytes(identity)]
-            result = {"op": group.op, "model": group.model, "workers": group.outcomes}
-            self.broker._reply_to_gateway(group.gateway, group.gid, result)
+def children(
+    identity: bytes, header: Request, targets: list[WorkerRecord]
+) -> tuple[Group, list[Request]]:
+    """The group for ``header`` from gateway ``identity``, and one child request per target
+    (the fan-out's own options dropped: each child is meant for its one worker)."""
+    n = len(targets)
+    group = Group(
+        identity, header.id, header.op, header.model, [r.id for r in targets], [None] * n, n
+    )
+    opts: dict[str, Any] = {k: v for k, v in header.opts.items() if k not in _CHILD_OPTS_DROPPED}
+    requests = [
+        Request(id=k, op=header.op, model=header.model, ttl_ms=header.ttl_ms, opts=opts)
+        for k in range(n)
+    ]
+    return group, requests

@@ -12,54 +12,18 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+
+from broker.records import WorkerRecord
+from shared.envelope import Ready
 
 
-if TYPE_CHECKING:
-    from broker.requests import Pending
+__all__ = ["AFFINITY_LIMIT", "MAX_CAPACITY", "Registry", "check_ready"]
 
-__all__ = ["AFFINITY_LIMIT", "GatewayRecord", "Registry", "WorkerRecord"]
+MAX_CAPACITY = 100_000
 
 AFFINITY_LIMIT = 10_000
 """Streams whose last worker is remembered (docs/streams.md: a stream's requests go to the
 same worker while it lives, where its audio features are cached)."""
-
-
-@dataclass(eq=False, slots=True)
-class WorkerRecord:
-    """One registration of one worker connection. A worker that re-registers after being
-    declared dead gets a new record, so a stale reply can be told from a current one by
-    identity of the record, not just of the socket."""
-
-    identity: bytes  # ROUTER routing id of the worker's DEALER
-    id: str  # the worker's own name (host:pid by default)
-    capacity: int
-    host: str
-    pid: int
-    device: str
-    backend: str
-    models: dict[str, dict[str, Any]]
-    joined: float
-    last_seen: float
-    last_sent: float = 0.0
-    last_assigned: int = -1  # registry tick of the last request sent: least recently used
-    in_flight: dict[int, Pending] = field(default_factory=dict)
-    served: int = 0
-    errors: int = 0
-    reported_in_flight: int = 0  # what the worker says it holds (heartbeat)
-    counters: dict[str, Any] = field(default_factory=dict)  # the worker's own (heartbeat)
-
-    @property
-    def free(self) -> int:
-        return self.capacity - len(self.in_flight)
-
-
-@dataclass(eq=False, slots=True)
-class GatewayRecord:
-    identity: bytes
-    last_seen: float
-    last_sent: float = 0.0
 
 
 class Registry:
@@ -89,6 +53,16 @@ class Registry:
     def add(self, record: WorkerRecord) -> None:
         self._workers[record.identity] = record
         self.reindex()
+
+    def update(self, record: WorkerRecord, header: Ready) -> bool:
+        """A registered worker re-announced itself (its models changed, or it drains with
+        capacity 0); True if its capacity or model set changed."""
+        changed = record.capacity != header.capacity or set(record.models) != set(header.models)
+        record.capacity = header.capacity
+        record.models = header.models
+        record.device, record.backend = header.device, header.backend
+        self.reindex()
+        return changed
 
     def remove(self, record: WorkerRecord) -> None:
         if self._workers.get(record.identity) is record:
@@ -153,3 +127,15 @@ class Registry:
             self._affinity.move_to_end(stream)
             if len(self._affinity) > AFFINITY_LIMIT:
                 self._affinity.popitem(last=False)
+
+
+def check_ready(h: Ready) -> str:
+    """What is wrong with a READY, or "" if nothing."""
+    if not h.worker or len(h.worker) > 256:
+        return "worker id must be 1..256 characters"
+    if not 0 <= h.capacity <= MAX_CAPACITY:
+        return f"capacity must be 0..{MAX_CAPACITY}"
+    for name, meta in h.models.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 256 or not isinstance(meta, dict):
+            return "models must map names to metadata maps"
+    return ""

@@ -1,43 +1,23 @@
-"""Requests the broker holds: queued for a worker, or in flight at one.
-
-The broker gives every accepted request its own id (``bid``), unique for the broker's
-lifetime, and maps it back to the gateway's (identity, id) when the answer comes. Workers
-only ever see broker ids, so two gateways using the same ids never collide, and a reply can
-be checked against the worker it was actually assigned to (stale replies from a worker
-declared dead are dropped, rule 1).
-"""
+"""The requests the broker holds, by broker id and by gateway id, its per-model queues, and
+the deadline timers (bookkeeping only: ``broker.scheduler`` decides)."""
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from broker.records import Group, Pending
 from shared.envelope import Request
 
 
-if TYPE_CHECKING:
-    from broker.registry import WorkerRecord
-
-__all__ = ["MAX_ATTEMPTS", "Pending", "Timers"]
+__all__ = ["MAX_ATTEMPTS", "PendingRequests", "Timers"]
 
 MAX_ATTEMPTS = 2
 """A request goes to a worker at most twice: once, and once more if that worker dies
 (rule 4). A request that kills workers does not get to kill them all."""
-
-
-@dataclass(eq=False, slots=True)
-class Pending:
-    bid: int
-    gateway: bytes
-    gid: int
-    header: Request  # as received from the gateway
-    payload: list[Any]  # zmq.Frames, forwarded untouched (kept for a re-dispatch)
-    deadline: float  # broker monotonic clock
-    worker: WorkerRecord | None = None  # the record it is in flight at, if any
-    attempts: int = 0
-    orphan: bool = False  # the gateway needs no answer any more (cancelled, or answered)
-    queued: bool = False
 
 
 @dataclass(slots=True)
@@ -67,3 +47,87 @@ class Timers:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+
+class PendingRequests:
+    """Every request from acceptance to its end: by broker id (``by_bid``), by the
+    gateway's (identity, id) while the gateway waits for it (duplicate ids, cancels), and
+    in its model's queue while it waits for a credit.
+
+    ``by_bid`` keeps a request until its worker answers, even after its gateway had its
+    answer (cancelled, or past its deadline): until then the worker's credit stays taken.
+    """
+
+    def __init__(self) -> None:
+        self.by_bid: dict[int, Pending] = {}
+        self.by_gateway: dict[tuple[bytes, int], Pending] = {}
+        self.queues: dict[str, deque[Pending]] = {}
+        self.timers = Timers()
+        self._next_bid = 1
+
+    def __len__(self) -> int:
+        return len(self.by_bid)
+
+    def __iter__(self) -> Iterator[Pending]:
+        return iter(list(self.by_bid.values()))
+
+    def get(self, bid: int) -> Pending | None:
+        return self.by_bid.get(bid)
+
+    def accept(
+        self,
+        identity: bytes,
+        header: Request,
+        payload: list[Any],
+        deadline: float,
+        *,
+        group: Group | None = None,
+    ) -> Pending:
+        """A new request; a fan-out's child passes its ``group`` (its id is its index)."""
+        bid = self._next_bid
+        self._next_bid += 1
+        p = Pending(bid, identity, header.id, header, payload, deadline)
+        self.by_bid[bid] = p
+        if group is None:
+            self.by_gateway[(identity, p.gid)] = p
+        else:
+            p.group = group
+        return p
+
+    def pop_gateway_id(self, identity: bytes, gid: int) -> Pending | None:
+        return self.by_gateway.pop((identity, gid), None)
+
+    def release_id(self, p: Pending) -> None:
+        """The gateway has its answer: its id may be used again."""
+        if p.group is None:
+            self.by_gateway.pop((p.gateway, p.gid), None)
+
+    def forget(self, p: Pending) -> None:
+        self.by_bid.pop(p.bid, None)
+        if not p.orphan and p.group is None:  # as release_id, one call less on the hot path
+            self.by_gateway.pop((p.gateway, p.gid), None)
+
+    def enqueue(self, p: Pending, *, front: bool = False) -> None:
+        queue = self.queues.get(p.header.model)
+        if queue is None:
+            queue = self.queues[p.header.model] = deque()
+        if front:
+            queue.appendleft(p)
+        else:
+            queue.append(p)
+        p.queued = True
+        self.timers.push(p.deadline, p.bid)
+
+    def unqueue(self, p: Pending) -> None:
+        queue = self.queues.get(p.header.model)
+        if queue is not None and p.queued:
+            try:
+                queue.remove(p)  # at most queue_limit long
+            except ValueError:
+                pass
+            if not queue:
+                del self.queues[p.header.model]
+        p.queued = False
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queues.values())

@@ -39,9 +39,16 @@ class RateLimitedLog:
         self.suppressed = 0
         self._logged_at: float | None = None
 
-    def warning(self, fmt: str, *args: object, exc_info: BaseException | None = None) -> bool:
-        """Log ``fmt % args`` now, or count it; True when it was logged."""
-        now = self.clock()
+    def warning(
+        self,
+        fmt: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Log ``fmt % args`` now, or count it; True when it was logged. ``now``: the
+        caller's time, for sans-I/O code that has no clock of its own."""
+        now = self.clock() if now is None else now
         if self._logged_at is not None and now - self._logged_at < self.every_s:
             self.suppressed += 1
             return False

@@ -130,3 +130,26 @@ def test_forwarder_reference_runs_side_by_side_with_the_broker():
     assert any(line.startswith("pair 1 broker") for line in lines)
     assert any(line.startswith("pair 1 forwarder") for line in lines)
     assert lines[-1].startswith("median: broker ") and " ratio " in lines[-1]
+
+
+def test_broker_bench_without_a_service_time():
+    """``python -m lipsync.bench.broker --delay-ms 0``: no ideal rate to divide by, so the
+    scaling table says so instead of crashing; each table has its row once."""
+    cmd = [
+        sys.executable, "-m", "lipsync.bench.broker", "--workers", "1", "--delay-ms", "0",
+        "--seconds", "0.3", "--ceiling-concurrency", "8",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 2, done.stdout  # scaling and ceiling, one worker each
+    assert rows[0].startswith("| 1 | - |") and rows[0].split("|")[4].strip() == "-"
+    assert done.stdout.count("\n| 0 |") == 1  # the added-latency row, once
+
+
+def test_broker_bench_refuses_bad_arguments():
+    cmd = [sys.executable, "-m", "lipsync.bench.broker", "--workers", "0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--workers: each count must be at least 1" in done.stderr
+    assert "Traceback" not in done.stderr
