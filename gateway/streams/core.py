@@ -94,6 +94,7 @@ class StreamCore:
         self.idle = 0
         self.dropped = 0
         self.failures_in_a_row = 0
+        self._clip_memo = (-1, 0, 0)  # (j, start, end) of the last clip_samples asked for
 
     # -- events --------------------------------------------------------------------------
 
@@ -181,7 +182,7 @@ class StreamCore:
             return None
         j = self.next_issue
         fps, sr = model.fps, self.sr
-        start, end = clip_samples(j, fps, sr)
+        start, end = self._clip_span(j)
         if (
             j - self.next_send >= self.config.max_ahead
             or (self.final is not None and j >= self.final)
@@ -212,9 +213,15 @@ class StreamCore:
 
     def clip(self, frame: Frame) -> bytes:
         """The PCM an ``infer`` request for ``frame`` carries."""
-        model = self.model
-        assert model is not None
-        return self.audio.slice(*clip_samples(frame.j, model.fps, self.sr))
+        return self.audio.slice(*self._clip_span(frame.j))
+
+    def _clip_span(self, j: int) -> tuple[int, int]:
+        """``clip_samples(j)``, remembered for the last ``j`` asked: the pump asks for the
+        next frame's after every chunk until its audio is in."""
+        memo = self._clip_memo
+        if memo[0] != j:
+            memo = self._clip_memo = (j, *clip_samples(j, self.clock.fps, self.sr))
+        return memo[1], memo[2]
 
     def infer_opts(self, frame: Frame, *, key: str, quality: int) -> dict[str, Any]:
         """The ``opts`` of ``frame``'s ``infer`` request (docs/streams.md, "Internal"): the
