@@ -35,7 +35,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -548,17 +548,21 @@ class F32(float):
     __slots__ = ()
 
 
-def dumps(value: Any) -> str:
+def dumps(value: Any, *, float_repr: bool = False) -> str:
     """JSON exactly as Go's ``encoding/json.Marshal`` writes it: no spaces, dict order
-    kept, ``<``, ``>``, ``&``, U+2028 and U+2029 escaped, non-ASCII raw, floats in Go's
-    shortest form (``3`` for 3.0, exponent only below 1e-6 or from 1e21). Non-finite
-    floats, which Go refuses to encode, are written as 0."""
+    kept, ``<``, ``>``, ``&``, U+2028 and U+2029 escaped, lone surrogates replaced, non-ASCII
+    raw, floats in Go's shortest form (``3`` for 3.0, exponent only below 1e-6 or from
+    1e21). Non-finite floats, which Go refuses to encode, are written as 0.
+
+    The one writer of every text message a browser gets. This project's own messages
+    (``shared.streamproto``) are written the same way except for ``float_repr``: floats as
+    Python writes them (``25.0``), which their pinned bytes have always had."""
     out: list[str] = []
-    _encode(value, out)
+    _encode(value, out, _repr_float if float_repr else _go_float_of)
     return "".join(out)
 
 
-def _encode(value: Any, out: list[str]) -> None:
+def _encode(value: Any, out: list[str], float_text: Callable[[float], str]) -> None:
     if value is None:
         out.append("null")
     elif value is True:
@@ -570,7 +574,7 @@ def _encode(value: Any, out: list[str]) -> None:
     elif isinstance(value, int):
         out.append(str(int(value)))
     elif isinstance(value, float):
-        out.append(_go_float(value, 32 if isinstance(value, F32) else 64))
+        out.append(float_text(value))
     elif isinstance(value, Mapping):
         out.append("{")
         for i, (key, item) in enumerate(value.items()):
@@ -578,17 +582,25 @@ def _encode(value: Any, out: list[str]) -> None:
                 out.append(",")
             out.append(_go_string(str(key)))
             out.append(":")
-            _encode(item, out)
+            _encode(item, out, float_text)
         out.append("}")
     elif isinstance(value, list | tuple):
         out.append("[")
         for i, item in enumerate(value):
             if i:
                 out.append(",")
-            _encode(item, out)
+            _encode(item, out, float_text)
         out.append("]")
     else:
         raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _go_float_of(x: float) -> str:
+    return _go_float(x, 32 if isinstance(x, F32) else 64)
+
+
+def _repr_float(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else "0.0"
 
 
 _GO_ESCAPES = str.maketrans(
@@ -725,7 +737,9 @@ def stats_message(fields: Mapping[str, Any]) -> str:
 
 
 def stream_error_message(stream: Any, code: str, error: str) -> str:
-    """``stream_error`` (docs/streams.md); ``stream`` is echoed when it was a u32."""
+    """``stream_error`` (docs/streams.md): the gateway's and a stream's own, one writer.
+    ``stream`` is echoed when it is a u32 and null otherwise (the request named no readable
+    stream id)."""
     if not isinstance(stream, int) or isinstance(stream, bool) or not 0 <= stream <= _U32_MAX:
         stream = None
     return dumps({"type": "stream_error", "stream": stream, "code": code, "error": error})

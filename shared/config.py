@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 
-__all__ = ["BrokerConfig", "GatewayConfig", "WorkerConfig", "from_env"]
+__all__ = ["BrokerConfig", "GatewayConfig", "StreamConfig", "WorkerConfig", "from_env"]
 
 _C = TypeVar("_C")
 
@@ -90,6 +90,40 @@ class GatewayConfig:
     log_level: str = "INFO"
 
 
+def _stream_env(name: str) -> dict[str, Any]:
+    return {"env": f"LIPSYNC_STREAM_{name.upper()}"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """A gateway's server-driven streams (docs/streams.md). Every bound a client could
+    otherwise push is here. Each field is read from ``LIPSYNC_STREAM_<NAME>`` (named in its
+    metadata, e.g. ``LIPSYNC_STREAM_GRACE_FRAMES``): a CPU demo may rather show late frames
+    than none, a GPU deployment wants the defaults."""
+
+    max_ahead: int = field(default=8, metadata=_stream_env("max_ahead"))  # issued, not sent
+    max_streams_per_connection: int = field(default=8, metadata=_stream_env("per_connection"))
+    max_streams: int = field(default=256, metadata=_stream_env("max_streams"))  # per gateway
+    # a frame may be this many frame times late before the pacer acts on it
+    grace_frames: float = field(default=1.0, metadata=_stream_env("grace_frames"))
+    # how far late frames may push a stream's playout back before they are dropped instead
+    max_delay_ms: int = field(default=200, metadata=_stream_env("max_delay_ms"))
+    # RMS of the 200 ms around a frame (dBFS), below which it is idle
+    silence_dbfs: float = field(default=-45.0, metadata=_stream_env("silence_dbfs"))
+    # audio held ahead of the next frame to issue
+    max_buffer_s: float = field(default=10.0, metadata=_stream_env("max_buffer_s"))
+    ttl_ms: int = field(default=2000, metadata=_stream_env("ttl_ms"))  # one frame's request
+    # once a stream's clock runs, a frame's request lives only until the frame could no
+    # longer be shown, so that a worker never computes it for nobody (workers.servicetime)
+    slot_deadlines: bool = field(default=True, metadata=_stream_env("slot_deadlines"))
+    start_ttl_ms: int = field(default=5000, metadata=_stream_env("start_ttl_ms"))  # metadata
+    # consecutive failed frames (2 s at 25 fps) before giving up
+    max_failures: int = field(default=50, metadata=_stream_env("max_failures"))
+    # raw full frames for composite-mode idle frames, all models
+    idle_cache_items: int = field(default=64, metadata=_stream_env("idle_cache_items"))
+    idle_cache_bytes: int = field(default=32 << 20, metadata=_stream_env("idle_cache_bytes"))
+
+
 def from_env(cls: type[_C], env: Mapping[str, str] | None = None, **overrides: Any) -> _C:
     """Build ``cls`` from ``LIPSYNC_<FIELD>`` variables, then apply non-None overrides.
 
@@ -100,14 +134,15 @@ def from_env(cls: type[_C], env: Mapping[str, str] | None = None, **overrides: A
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
-        raw = env.get(f.metadata.get("env", f"LIPSYNC_{f.name.upper()}"))
+        variable = f.metadata.get("env", f"LIPSYNC_{f.name.upper()}")
+        raw = env.get(variable)
         if raw is not None and raw != "":
-            values[f.name] = _convert(raw, type(f.default), f.name)
+            values[f.name] = _convert(raw, type(f.default), variable)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
 
-def _convert(raw: str, kind: type, name: str) -> Any:
+def _convert(raw: str, kind: type, variable: str) -> Any:
     try:
         if kind is bool:
             if raw.lower() in {"1", "true", "yes", "on"}:
@@ -117,4 +152,4 @@ def _convert(raw: str, kind: type, name: str) -> Any:
             raise ValueError(raw)
         return kind(raw)
     except ValueError:
-        raise ValueError(f"LIPSYNC_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise ValueError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None

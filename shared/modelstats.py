@@ -33,12 +33,14 @@ from typing import Any
 
 
 __all__ = [
+    "BUCKETS",
     "EDGES_MS",
     "FPS_WINDOW_S",
     "MAX_BATCH_SIZES",
     "MAX_CODES",
     "MAX_MODELS",
     "LatencyHistogram",
+    "LogBuckets",
     "MergedModel",
     "ModelCounters",
     "ModelStatsBook",
@@ -48,9 +50,41 @@ __all__ = [
     "summary",
 ]
 
-_RATIO = 2**0.25
-EDGES_MS: tuple[float, ...] = tuple(0.25 * _RATIO**k for k in range(4 * 18 + 1))
-"""Upper bucket edges, 0.25 ms .. 65.5 s, four per octave; one more bucket above the last."""
+
+class LogBuckets:
+    """Log-spaced upper bucket edges ``lo_ms * ratio**k`` for ``k < n``, and one bucket
+    above the last. A value goes in the first bucket whose edge is not below it, with a
+    relative tolerance of about 1e-9, so that a round value computed at an edge (1 ms, 2 ms:
+    ``0.25 * 2**0.25 ** 8`` is 0.9999999999999998) counts as at most that edge."""
+
+    __slots__ = ("edges", "_lo", "_log_ratio")
+
+    def __init__(self, lo_ms: float, ratio: float, n: int) -> None:
+        self.edges: tuple[float, ...] = tuple(lo_ms * ratio**k for k in range(n))
+        self._lo = lo_ms
+        self._log_ratio = math.log(ratio)
+
+    @classmethod
+    def spanning(cls, lo_ms: float, hi_ms: float, ratio: float) -> LogBuckets:
+        """Edges from ``lo_ms`` up to the first at or past ``hi_ms``."""
+        return cls(lo_ms, ratio, math.ceil(math.log(hi_ms / lo_ms) / math.log(ratio)) + 1)
+
+    def __len__(self) -> int:
+        """Buckets, the one above the last edge included."""
+        return len(self.edges) + 1
+
+    def index(self, ms: float) -> int:
+        if ms <= self._lo:
+            return 0
+        k = math.ceil(math.log(ms / self._lo) / self._log_ratio - 1e-9)
+        return min(max(k, 0), len(self.edges))
+
+
+BUCKETS = LogBuckets(0.25, 2**0.25, 4 * 18 + 1)
+"""Per-model serving latency: 0.25 ms .. 65.5 s, four per octave. Their indices are part of
+the heartbeat's wire form: never change them."""
+EDGES_MS: tuple[float, ...] = BUCKETS.edges
+"""Upper bucket edges of :data:`BUCKETS`; one more bucket above the last."""
 FPS_WINDOW_S = 10
 """frames/s is the count of the last this-many whole seconds (plus the current one)."""
 MAX_MODELS = 64
@@ -60,21 +94,24 @@ MAX_CODES = 32
 MAX_BATCH_SIZES = 1024
 
 
-def _bucket(ms: float) -> int:
-    if ms <= EDGES_MS[0]:
-        return 0
-    k = math.ceil(math.log(ms / EDGES_MS[0], _RATIO) - 1e-9)
-    return min(max(k, 0), len(EDGES_MS))
-
-
 class LatencyHistogram:
-    """Counts of latencies (ms) in fixed log-spaced buckets, plus exact count, sum, min and
-    max. ``quantile`` answers with the bucket's geometric middle, clamped to [min, max]."""
+    """Counts of latencies (ms) in fixed log-spaced buckets (:class:`LogBuckets`, by default
+    :data:`BUCKETS`), plus exact count, sum, min and max: bounded memory whatever the
+    traffic.
 
-    __slots__ = ("count", "counts", "max", "min", "sum")
+    ``quantile`` answers with the upper edge of the bucket holding the quantile, clamped to
+    [min, max]: never below the true value, at most one bucket above it (19 % with
+    :data:`BUCKETS`, 2 % with the streams' finer buckets), and exact at the top. An upper
+    bound is what a bucket knows (a count of latencies at most its edge, Prometheus's
+    ``le``), and it is what a latency percentile is read for: whether frames made their
+    deadline. (The bucket's geometric middle would be closer on average but can claim a
+    p99 below the one that happened.)"""
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(EDGES_MS) + 1)
+    __slots__ = ("buckets", "count", "counts", "max", "min", "sum")
+
+    def __init__(self, buckets: LogBuckets = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
         self.count = 0
         self.sum = 0.0
         self.min = math.inf
@@ -83,13 +120,17 @@ class LatencyHistogram:
     def add(self, ms: float) -> None:
         if not math.isfinite(ms) or ms < 0:
             return
-        self.counts[_bucket(ms)] += 1
+        self.counts[self.buckets.index(ms)] += 1
         self.count += 1
         self.sum += ms
-        self.min = min(self.min, ms)
-        self.max = max(self.max, ms)
+        if ms < self.min:
+            self.min = ms
+        if ms > self.max:
+            self.max = ms
 
     def merge(self, other: LatencyHistogram) -> None:
+        if other.buckets is not self.buckets:
+            raise ValueError("histograms with different buckets cannot be merged")
         for k, n in enumerate(other.counts):
             self.counts[k] += n
         self.count += other.count
@@ -97,26 +138,40 @@ class LatencyHistogram:
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
 
-    def quantile(self, q: float) -> float:
+    def quantile(self, q: float) -> float | None:
+        """Quantile ``q`` (ms), see the class docstring; None when empty."""
         if not self.count:
-            return 0.0
+            return None
         rank = max(1, math.ceil(q * self.count))
+        edges = self.buckets.edges
         seen = 0
         for k, n in enumerate(self.counts):
             seen += n
             if seen >= rank:
-                lo = EDGES_MS[k - 1] if k > 0 else 0.0
-                hi = EDGES_MS[k] if k < len(EDGES_MS) else self.max
-                mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-                return min(max(mid, self.min), self.max)
+                edge = edges[k] if k < len(edges) else self.max
+                return min(max(edge, self.min), self.max)
         return self.max
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        """Count, mean and p50/p95/p99 (ms, to 0.1 ms; None when empty): a quick look."""
+
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 1)
+
+        return {
+            "count": self.count,
+            "mean_ms": r(self.sum / self.count) if self.count else None,
+            "p50_ms": r(self.quantile(0.5)),
+            "p95_ms": r(self.quantile(0.95)),
+            "p99_ms": r(self.quantile(0.99)),
+        }
 
     def cumulative(self, edges_ms: Iterable[float]) -> list[tuple[float, int]]:
         """(edge, count of latencies <= edge) for each of ``edges_ms``, which must be among
-        ``EDGES_MS`` (Prometheus histogram buckets)."""
+        the buckets' edges (Prometheus histogram buckets)."""
         out = []
         for edge in edges_ms:
-            k = _bucket(edge)
+            k = self.buckets.index(edge)
             out.append((edge, sum(self.counts[: k + 1])))
         return out
 
@@ -132,7 +187,8 @@ class LatencyHistogram:
     @classmethod
     def from_wire(cls, data: Any) -> LatencyHistogram:
         """Tolerant: anything malformed reads as an empty histogram (it came from another
-        process; a bad snapshot must not break the stats answer)."""
+        process; a bad snapshot must not break the stats answer). Wire indices are
+        :data:`BUCKETS`'s."""
         h = cls()
         if not isinstance(data, Mapping):
             return h
@@ -285,8 +341,8 @@ def summary(
             "count": n,
             "min": round(latency.min, 3) if n else 0.0,
             "avg": round(latency.sum / n, 3) if n else 0.0,
-            "p50": round(latency.quantile(0.5), 3),
-            "p99": round(latency.quantile(0.99), 3),
+            "p50": round(latency.quantile(0.5) or 0.0, 3),
+            "p99": round(latency.quantile(0.99) or 0.0, 3),
             "max": round(latency.max, 3),
         },
         "frames_per_s": round(fps, 3),

@@ -7,19 +7,20 @@ tagged frames (first byte 3). All integers little-endian.
 
 Like ``shared.browser``, nothing here touches a socket or a clock, and every parser raises
 :class:`StreamProtocolError` (never another exception) for anything that is not a valid
-message, whatever the input: the gateway answers it instead of crashing.
+message, whatever the input: the gateway answers it instead of crashing. The JSON answers
+are written by ``shared.browser.dumps``, the one writer of a browser's text messages
+(``stream_error`` is ``shared.browser``'s own, re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from shared.browser import valid_model_name
+from shared.browser import dumps, stream_error_message, valid_model_name
 from shared.errors import WireFormatError
 from shared.streamtime import SUPPORTED_RATES
 
@@ -326,7 +327,7 @@ def parse_stream_request(message: Mapping[str, Any]) -> StreamRequest:
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return dumps(value, float_repr=True)
 
 
 def stream_started_message(
@@ -369,8 +370,3 @@ def stream_ended_message(*, stream: int, frames: int, idle_frames: int, dropped:
 
 def stream_interrupted_message(stream: int) -> str:
     return _dumps({"type": "stream_interrupted", "stream": stream})
-
-
-def stream_error_message(stream: int | None, code: str, error: str) -> str:
-    """``stream`` is None when the request named no readable stream id."""
-    return _dumps({"type": "stream_error", "stream": stream, "code": code, "error": error})

@@ -138,7 +138,7 @@ def system(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "LIPSYNC_SPARE_WORKERS": "0",
         # CPU inference on a shared 2-core machine is far from real time: let frames be
         # later than a GPU deployment would allow, so some speech frames get through
-        # (gateway.streams.StreamLimits: "a CPU demo may rather show late frames")
+        # (shared.config.StreamConfig: "a CPU demo may rather show late frames")
         "LIPSYNC_STREAM_GRACE_FRAMES": "75",
         "LIPSYNC_STREAM_TTL_MS": "4000",
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import BrokerConfig, GatewayConfig, WorkerConfig, from_env
+from shared.config import BrokerConfig, GatewayConfig, StreamConfig, WorkerConfig, from_env
 
 
 def test_defaults_without_environment():
@@ -52,3 +52,20 @@ def test_worker_index_from_supervisord_spreads_auto_devices():
     expected = f"cuda:{3 % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     assert str(resolve_device("auto", 3)) == expected
     assert str(resolve_device("cpu", 3)) == "cpu"
+
+
+def test_stream_settings_have_their_own_variables():
+    """``LIPSYNC_STREAM_*`` (docs/streams.md, "Gateway settings"); a bad value names the
+    variable that holds it."""
+    assert from_env(StreamConfig, {}) == StreamConfig()
+    env = {
+        "LIPSYNC_STREAM_PER_CONNECTION": "2",
+        "LIPSYNC_STREAM_GRACE_FRAMES": "75",
+        "LIPSYNC_STREAM_SLOT_DEADLINES": "0",
+        "LIPSYNC_MAX_AHEAD": "99",  # not a stream variable
+    }
+    cfg = from_env(StreamConfig, env)
+    assert (cfg.max_streams_per_connection, cfg.grace_frames) == (2, 75.0)
+    assert cfg.slot_deadlines is False and cfg.max_ahead == 8
+    with pytest.raises(ValueError, match="LIPSYNC_STREAM_TTL_MS='soon'"):
+        from_env(StreamConfig, {"LIPSYNC_STREAM_TTL_MS": "soon"})

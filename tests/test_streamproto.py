@@ -217,6 +217,36 @@ def test_answers_pinned():
     )
 
 
+def test_stream_answers_share_the_browser_writer():
+    """One JSON writer for every text message a browser gets: a stream error escapes as the
+    original proxy's answers do (Go's ``<>&``, U+2028, lone surrogates), only floats keep
+    Python's form (``25.0``, pinned above)."""
+    import shared.browser
+
+    assert stream_error_message is shared.browser.stream_error_message
+    assert stream_error_message(7, "internal", "a<b & c\u2028 \ud800") == (
+        '{"type":"stream_error","stream":7,"code":"internal",'
+        '"error":"a\\u003cb \\u0026 c\\u2028 \ufffd"}'
+    )
+    assert stream_error_message(True, "bad_request", "x").startswith(
+        '{"type":"stream_error","stream":null'
+    )
+    assert stream_error_message(2**32, "bad_request", "x").startswith(
+        '{"type":"stream_error","stream":null'
+    )
+    started = stream_started_message(
+        stream=1,
+        model_name="m",
+        fps=float("nan"),
+        frame_count=1,
+        sample_rate=16000,
+        mode="crop",
+        lookahead_ms=0,
+        bounds=(0.5, 1e-7, 1e21, 3),
+    )
+    assert '"fps":0.0,' in started and '"bounds":[0.5,1e-07,1e+21,3.0]' in started
+
+
 # -- timing -----------------------------------------------------------------------------------
 
 
