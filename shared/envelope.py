@@ -103,26 +103,53 @@ class _Header:
     KIND: ClassVar[Kind]
 
     def to_map(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _names(type(self))}
 
     @classmethod
     def from_map(cls: type[_H], data: dict[str, Any]) -> _H:
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                value = data[f.name]
-                expected = _FIELD_TYPES[(cls.__name__, f.name)]
+        for name, expected, required, bool_ok in _spec(cls):
+            if name in data:
+                value = data[name]
                 if expected is not object and (
-                    not isinstance(value, expected)
-                    or (isinstance(value, bool) and bool not in _as_tuple(expected))
+                    not isinstance(value, expected) or (type(value) is bool and not bool_ok)
                 ):
-                    raise EnvelopeError(
-                        f"{cls.KIND.name.lower()} header field {f.name!r}: bad type"
-                    )
-                kwargs[f.name] = value
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise EnvelopeError(f"{cls.KIND.name.lower()} header lacks {f.name!r}")
+                    raise EnvelopeError(f"{cls.KIND.name.lower()} header field {name!r}: bad type")
+                kwargs[name] = value
+            elif required:
+                raise EnvelopeError(f"{cls.KIND.name.lower()} header lacks {name!r}")
         return cls(**kwargs)
+
+
+_Spec = tuple[tuple[str, type | tuple[type, ...], bool, bool], ...]
+_SPECS: dict[type, _Spec] = {}
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    """A header class's field names, looked up once (``dataclasses.fields`` per message
+    was a third of a header's encoding time)."""
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def _spec(cls: type) -> _Spec:
+    """Per field: name, the types its value may have, whether it is required, whether a
+    bool is allowed (bool is an int to ``isinstance``); computed once per class."""
+    spec = _SPECS.get(cls)
+    if spec is None:
+        spec = _SPECS[cls] = tuple(
+            (
+                f.name,
+                _FIELD_TYPES[(cls.__name__, f.name)],
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                bool in _as_tuple(_FIELD_TYPES[(cls.__name__, f.name)]),
+            )
+            for f in dataclasses.fields(cls)
+        )
+    return spec
 
 
 def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
