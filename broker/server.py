@@ -23,6 +23,7 @@ import zmq
 
 from broker.actions import Action, ToWorker, Undelivered
 from broker.core import BrokerCore
+from broker.wire import recv_parts, send_parts
 from shared.config import BrokerConfig
 from shared.envelope import EnvelopeError, decode, encode, peek_id
 from shared.logs import setup_logging
@@ -101,14 +102,16 @@ class Broker:
             core.warmup.seconds,
         )
         poller = zmq.Poller()
+        poller.register(self.backend, zmq.POLLIN)  # first: answers free credits
         poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
-        while not self._stop.is_set():
-            events = dict(poller.poll(self._poll_timeout_ms()))
-            if self.backend in events:
-                self._drain(self.backend, self._from_worker)
-            if self.frontend in events:
-                self._drain(self.frontend, self._from_gateway)
+        backend, frontend = self.backend, self.frontend
+        stop = self._stop
+        while not stop.is_set():
+            for sock, _ in poller.poll(self._poll_timeout_ms()):
+                if sock is backend:
+                    self._drain(backend, self._from_worker)
+                else:
+                    self._drain(frontend, self._from_gateway)
             actions = core.tick(time.monotonic())
             if actions:
                 self._send(actions)
@@ -142,7 +145,7 @@ class Broker:
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[list[Any]], None]) -> None:
         for _ in range(DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_parts(sock)
             except zmq.Again:
                 return
             try:
@@ -192,9 +195,7 @@ class Broker:
                 else:
                     frames = encode(action.header, action.payload)
                 try:
-                    (backend if to_worker else frontend).send_multipart(
-                        [action.identity, *frames], zmq.NOBLOCK, copy=False
-                    )
+                    send_parts(backend if to_worker else frontend, [action.identity, *frames])
                 except zmq.ZMQError as exc:
                     why = _why_not_sent(exc)
                     if to_worker:

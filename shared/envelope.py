@@ -15,6 +15,8 @@ time: each hop converts it to its own monotonic clock, so hosts need no clock sy
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 import types
 import typing
 from collections.abc import Sequence
@@ -56,6 +58,10 @@ _UNPACK_LIMITS: dict[str, Any] = {
     "max_map_len": 4096,
     "max_ext_len": 0,
 }
+
+
+_unpack = functools.partial(msgpack.unpackb, **_UNPACK_LIMITS)
+_local = threading.local()  # each thread's msgpack packer (one per call was a third slower)
 
 
 class EnvelopeError(WireFormatError):
@@ -251,6 +257,10 @@ def _runtime_type(hint: Any) -> type | tuple[type, ...]:
     return origin if origin is not None else hint  # type: ignore[no-any-return]
 
 
+_BY_BYTE: list[type[_Header] | None] = [_HEADERS.get(k) for k in range(256)]  # type: ignore[call-overload]
+"""Header class by kind byte: an index, where ``Kind(byte)`` is an enum call per message."""
+_KIND_BYTES: dict[int, bytes] = {k: bytes((k,)) for k in Kind}
+
 _FIELD_TYPES: dict[tuple[str, str], type | tuple[type, ...]] = {
     (cls.__name__, name): _runtime_type(hint)
     for cls in _HEADERS.values()
@@ -277,8 +287,11 @@ class Message:
 def encode(header: Header, payload: Sequence[Any] = ()) -> list[Any]:
     """Frames for ``header`` followed by ``payload`` (bytes, memoryviews or zmq.Frames,
     passed through untouched so large buffers are not copied)."""
-    packed = msgpack.packb(header.to_map(), use_bin_type=True)
-    return [bytes((header.KIND,)), packed, *payload]
+    try:
+        pack = _local.pack
+    except AttributeError:  # a thread's first message: a packer of its own (not thread-safe)
+        pack = _local.pack = msgpack.Packer(use_bin_type=True).pack
+    return [_KIND_BYTES[header.KIND], pack(header.to_map()), *payload]
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -293,20 +306,19 @@ def decode(frames: Sequence[Any]) -> Message:
     kind_frame = _as_bytes(frames[0])
     if len(kind_frame) != 1:
         raise EnvelopeError("kind frame must be one byte")
-    try:
-        kind = Kind(kind_frame[0])
-    except ValueError:
-        raise EnvelopeError(f"unknown kind 0x{kind_frame[0]:02x}") from None
+    cls = _BY_BYTE[kind_frame[0]]
+    if cls is None:
+        raise EnvelopeError(f"unknown kind 0x{kind_frame[0]:02x}")
     raw = _as_bytes(frames[1])
     if len(raw) > MAX_HEADER_BYTES:
         raise EnvelopeError("header too large")
     try:
-        data = msgpack.unpackb(raw, **_UNPACK_LIMITS)
+        data = _unpack(raw)
     except Exception as exc:  # msgpack raises several unrelated types
         raise EnvelopeError("header is not valid msgpack") from exc
     if not isinstance(data, dict):
         raise EnvelopeError("header is not a map")
-    header = _HEADERS[kind].from_map(data)
+    header = cls.from_map(data)
     return Message(header, list(frames[2:]))  # type: ignore[arg-type]  # _HEADERS maps to Header
 
 
@@ -322,9 +334,11 @@ def peek_id(frames: Sequence[Any]) -> int | None:
 
 
 def _as_bytes(frame: Any) -> bytes | memoryview:
+    if type(frame) is bytes:  # the common cases first: bytes, then a zmq.Frame
+        return frame
+    data = getattr(frame, "bytes", None)  # zmq.Frame: a copy, cached (small frames only)
+    if type(data) is bytes:
+        return data
     if isinstance(frame, bytes | memoryview | bytearray):
         return frame if not isinstance(frame, bytearray) else bytes(frame)
-    buf = getattr(frame, "buffer", None)  # zmq.Frame
-    if buf is not None:
-        return buf  # type: ignore[no-any-return]
     raise EnvelopeError("frame is not bytes")

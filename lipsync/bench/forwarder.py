@@ -3,7 +3,9 @@
 The reference is a minimal credit-based forwarder: a ROUTER facing clients, a ROUTER facing
 workers, one loop that gives each request to the worker with the most free credits (queued
 when none has any), rewrites the request id in the small msgpack header both ways (as any
-broker must, to tell clients' ids apart) and passes payload frames through untouched. No
+broker must, to tell clients' ids apart) and passes payload frames through untouched. It
+sends and receives with the broker's own frame functions (``broker.wire``), so that the
+ratio prices the broker's logic, not a difference in how the two call ZeroMQ. No
 deadlines, heartbeats, re-dispatch, warm-up, bounds or stats: what the real broker does
 beyond it is what the ratio prices.
 
@@ -31,6 +33,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from broker.wire import recv_parts, send_parts
 from shared.envelope import Heartbeat, Kind, Ready, Reply, Request, decode, encode
 
 
@@ -98,14 +101,14 @@ def serve_forwarder(frontend: str, backend: str) -> None:
         routes[bid] = (client.bytes, data["id"], worker)
         data["id"] = bid
         credits[worker] -= 1
-        back.send_multipart([worker, kind, msgpack.packb(data), *payload], copy=False)
+        send_parts(back, [worker, kind, msgpack.packb(data), *payload])
         return True
 
     while True:
         for sock, _ in poller.poll():
             while True:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = recv_parts(sock)
                 except zmq.Again:
                     break
                 kind = frames[1].bytes[0]
@@ -123,7 +126,7 @@ def serve_forwarder(frontend: str, backend: str) -> None:
                         continue
                     client, cid, owner = route
                     data["id"] = cid
-                    front.send_multipart([client, frames[1], msgpack.packb(data), *frames[3:]])
+                    send_parts(front, [client, frames[1], msgpack.packb(data), *frames[3:]])
                     credits[owner] += 1
                     while waiting and dispatch(waiting[0]):
                         waiting.popleft()
