@@ -23,10 +23,10 @@ import zmq
 
 from broker.actions import Action, ToWorker, Undelivered
 from broker.core import BrokerCore
-from broker.wire import recv_parts, send_parts
 from shared.config import BrokerConfig
 from shared.envelope import EnvelopeError, decode, encode, peek_id
 from shared.logs import setup_logging
+from shared.zmqwire import recv_parts, send_parts
 
 
 __all__ = ["Broker", "run"]

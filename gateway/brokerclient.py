@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -40,6 +40,7 @@ from shared.envelope import (
 )
 from shared.errors import ErrorCode, ServiceError
 from shared.logs import RateLimitedLog
+from shared.zmqwire import recv_parts, send_parts
 
 
 __all__ = ["Answer", "BrokerClient"]
@@ -47,6 +48,9 @@ __all__ = ["Answer", "BrokerClient"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_IN_FLIGHT = 10_000
+READ_BATCH = 256
+"""Messages read from the broker per event-loop turn at most."""
+_POLLIN = int(zmq.POLLIN)
 DEFAULT_GRACE_S = 1.0
 """Slack after a request's ttl before the client gives up on it: the broker answers expired
 requests itself shortly after their deadline, and that answer is more informative."""
@@ -97,6 +101,12 @@ class BrokerClient:
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
+        # The same socket, driven without pyzmq's asyncio layer (a future and two event
+        # registrations per message): sends go straight out (all are non-blocking), and
+        # a reader on the socket's FD drains every message waiting (see ``_readable``).
+        self._sync: zmq.Socket[Any] | None = None
+        self._fd = -1
+        self._read_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._ids = itertools.count(1)
@@ -137,9 +147,11 @@ class BrokerClient:
         sock.setsockopt(zmq.RCVHWM, self.max_in_flight + 1000)
         sock.connect(self.endpoint)
         self._socket = sock
+        self._sync = zmq.Socket.shadow(sock.underlying)
+        self._fd = int(sock.getsockopt(zmq.FD))
+        asyncio.get_running_loop().add_reader(self._fd, self._readable)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tasks = [
-            asyncio.create_task(self._recv_loop(), name="brokerclient-recv"),
             asyncio.create_task(self._heartbeat_loop(), name="brokerclient-heartbeat"),
             asyncio.create_task(self._monitor_loop(monitor), name="brokerclient-monitor"),
         ]
@@ -170,6 +182,10 @@ class BrokerClient:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._fd = -1
+        self._sync = None
         if self._socket is not None:
             self._socket.disable_monitor()
             self._socket.close(linger=0)
@@ -227,7 +243,7 @@ class BrokerClient:
             id=rid, op=op, model=model, frame=frame, ttl_ms=int(ttl_ms), opts=opts or {}
         )
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        if not self._send_now(encode(header, payload), copy=False):
+        if not self._send_now(encode(header, payload)):
             raise ServiceError(ErrorCode.BROKER_UNAVAILABLE, "broker not connected")
         self._pending[rid] = future
         self._last_id = rid
@@ -250,44 +266,64 @@ class BrokerClient:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _send_now(self, frames: list[Any], *, copy: bool = True) -> bool:
+    def _send_now(self, frames: list[Any]) -> bool:
         """Send without waiting. False when ZeroMQ would block (no live connection, or the
-        queue is full). Every send here is non-blocking, so pyzmq resolves it on the spot."""
-        if self._socket is None:
+        queue is full)."""
+        sock = self._sync
+        if sock is None:
             return False
-        sent = cast(
-            "asyncio.Future[Any]",
-            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy),
-        )
-        exc = sent.exception() if sent.done() else None
-        if isinstance(exc, zmq.Again):
+        try:
+            send_parts(sock, frames)
+        except zmq.Again:
             return False
-        if isinstance(exc, zmq.ZMQError):
+        except zmq.ZMQError as exc:
             logger.debug("send to broker failed: %s", exc)
             return False
-        if exc is not None:
-            raise exc
+        finally:
+            self._check_readable()
         return True
 
-    async def _recv_loop(self) -> None:
-        assert self._socket is not None
-        sock = self._socket
-        while True:
+    def _check_readable(self) -> None:
+        """A send can leave a message waiting without the socket's FD signalling it (the
+        FD is edge-triggered): look, and read soon if so."""
+        if self._read_scheduled or self._sync is None:
+            return
+        if _readable_now(self._sync):
+            self._read_scheduled = True
+            asyncio.get_running_loop().call_soon(self._readable)
+
+    def _readable(self) -> None:
+        """The messages waiting, until ZeroMQ says none is (asking it so also re-arms the
+        FD the event loop watches); at most ``READ_BATCH`` per call, so that a flood of
+        answers cannot starve the loop's other work: the rest is read on its next turn."""
+        self._read_scheduled = False
+        sock = self._sync
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
             try:
-                frames = await sock.recv_multipart()
+                frames = recv_parts(sock)
+            except zmq.Again:
+                if _readable_now(sock):
+                    continue  # arrived meanwhile
+                return
             except zmq.ZMQError as exc:  # socket closed under us during shutdown
-                if self._closed:
-                    return
-                logger.warning("receive from broker failed: %s", exc)
-                await asyncio.sleep(self.heartbeat_s)
-                continue
-            self._on_broker_message()
-            try:
-                message = decode(frames)
-            except EnvelopeError as exc:
-                self._malformed(str(exc))
-                continue
-            self._handle(message.header, message.payload)
+                if not self._closed:
+                    logger.warning("receive from broker failed: %s", exc)
+                return
+            self._on_message(frames)
+        self._read_scheduled = True
+        asyncio.get_running_loop().call_soon(self._readable)
+
+    def _on_message(self, frames: list[Any]) -> None:
+        self._on_broker_message()
+        try:
+            message = decode(frames)
+        except EnvelopeError as exc:
+            self._malformed(str(exc))
+            return
+        # bytes, as callers expect (one copy, as a copying receive made)
+        self._handle(message.header, [frame.bytes for frame in message.payload])
 
     def _handle(self, header: Header, payload: list[Any]) -> None:
         if isinstance(header, Reply):
@@ -392,3 +428,10 @@ class BrokerClient:
         self._malformed_log.warning(
             "malformed message from broker (%s); %d so far", why, self.counters["malformed"]
         )
+
+
+def _readable_now(sock: zmq.Socket[Any]) -> bool:
+    try:
+        return bool(int(sock.getsockopt(zmq.EVENTS)) & _POLLIN)
+    except zmq.ZMQError:
+        return False

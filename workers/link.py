@@ -49,8 +49,9 @@ from shared.envelope import (
 from shared.errors import ErrorCode, ServiceError
 from shared.logs import RateLimitedLog
 from shared.modelstats import ModelStatsBook
-from workers.jobs import job_from_request
-from workers.outbox import ANSWER, CONTROL
+from shared.zmqwire import recv_parts, send_parts
+from workers.jobs import Job, job_from_request
+from workers.outbox import ANSWER, CONTROL, Mailbox
 from workers.telemetry import Counters
 
 
@@ -77,7 +78,7 @@ def reconnect_backoff(previous_s: float, heartbeat_s: float, liveness: int) -> f
 class BrokerLink:
     """The I/O thread's socket work (``run()``, on the calling thread, until drained).
 
-    ``to_compute`` and ``to_encode`` hand items to the other threads' queues: ("job", Job)
+    ``to_compute`` and ``to_encode`` hand items to the other threads' queues: ("jobs", [Job, ...])
     and ("cancel", (session, rid)) to compute, ("video", Job) to encode. ``session`` is the
     current session number: written here only, read by the other threads.
     """
@@ -118,6 +119,8 @@ class BrokerLink:
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.bind(self.outbox_address)
+        self.mailbox = Mailbox()  # answers of the other threads (workers.outbox)
+        self._jobs: list[Job] = []  # taken while draining the socket, handed over at once
         self.session = 0
         self._held = 0  # requests of the current session not yet answered
         self._models = models  # as announced; replaced whole
@@ -154,12 +157,13 @@ class BrokerLink:
             if sock is not None and sock in events:
                 while True:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = [f.bytes for f in recv_parts(sock)]
                     except zmq.Again:
                         break
                     last_seen = time.monotonic()
                     backoff = self.heartbeat_s
                     self._from_broker(sock, frames)
+                self._hand_over_jobs()
             if self._pull in events:
                 self._drain_outbox(sock)
             now = time.monotonic()
@@ -266,6 +270,7 @@ class BrokerLink:
         if isinstance(header, Request):
             self._take(sock, header, message.payload)
         elif isinstance(header, Cancel):
+            self._hand_over_jobs()  # the job it cancels may be among them
             self._to_compute(("cancel", (self.session, header.id)))
         elif isinstance(header, Heartbeat):
             pass
@@ -303,44 +308,52 @@ class BrokerLink:
         if h.op == Op.VIDEO_FRAME:
             self._to_encode(("video", job))
         else:
-            self._to_compute(("job", job))
+            self._jobs.append(job)
+
+    def _hand_over_jobs(self) -> None:
+        """The jobs taken since the last hand-over, to the compute thread in one item:
+        one queue operation (and one wake-up of that thread) per drain, not per job."""
+        if self._jobs:
+            jobs, self._jobs = self._jobs, []
+            self._to_compute(("jobs", jobs))
 
     def _answer_error(self, sock: zmq.Socket[Any], rid: int, code: ErrorCode, message: str) -> None:
         _send(sock, encode(Error(id=rid, code=code.value, message=message, worker=self.worker_id)))
 
     def _drain_outbox(self, sock: zmq.Socket[Any] | None) -> None:
-        while True:
+        while True:  # the doorbells: their count means nothing, the mailbox says what came
             try:
-                frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                self._pull.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            tag = frames[0].bytes
-            if tag[:1] == ANSWER:
-                if int.from_bytes(tag[1:], "big") != self.session:
+                break
+        mailbox = self.mailbox
+        mailbox.rung = False  # before draining: a put after this rings again
+        entries = mailbox.entries
+        while entries:
+            tag, session, frames = entries.popleft()
+            if tag == ANSWER:
+                if session != self.session:
                     # An answer for a broker that forgot us: nobody to give it to. Its
                     # request was counted ``dropped`` when the session ended, and ``served``
                     # or ``errors`` when it finished: take the latter back, so that each
                     # request counts once (received = served + errors + dropped).
-                    served = frames[1].bytes == _REPLY
+                    served = frames[0] == _REPLY
                     self.counters.add("served" if served else "errors", -1)
                     continue
                 self._held -= 1
-            elif tag[:1] == CONTROL:
-                message = decode(frames[1:])
+            elif tag == CONTROL:
+                message = decode(frames)
                 if isinstance(message.header, Ready):  # models changed: re-announce
                     self._models = message.header.models
-                    frames = [
-                        frames[0],
-                        *encode(self._ready(0 if self._stopping.is_set() else None)),
-                    ]
+                    frames = encode(self._ready(0 if self._stopping.is_set() else None))
             if sock is not None:
-                _send(sock, frames[1:])
+                _send(sock, frames)
 
 
 def _send(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     """Send without blocking the I/O thread; a full queue means the broker is not reading,
     which heartbeats will notice."""
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        send_parts(sock, frames)
     except zmq.Again:
         logger.debug("send to broker would block; message dropped")

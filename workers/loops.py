@@ -43,7 +43,7 @@ ENCODE_DEPTH = 2
 """Batches handed to the encode thread and not yet encoded: enough to overlap, no more."""
 
 Item = tuple[str, Any]
-"""What a loop's queue holds: ("job", Job), ("cancel", (session, rid)), ("batch", ...),
+"""What a loop's queue holds: ("jobs", [Job, ...]), ("cancel", (session, rid)), ("batch", ...),
 ("video", Job), ("stop", None)."""
 
 
@@ -134,12 +134,12 @@ class ComputeLoop:
             out.close()
 
     def _item(self, replies: Replies, kind: str, value: Any) -> None:
-        if kind == "job":
-            job: Job = value
-            if job.op == Op.INFER:
-                self.batcher.add(job)
-            else:
-                self._admin(replies, job)
+        if kind == "jobs":  # what the I/O thread took in one drain of its socket
+            for job in value:
+                if job.op == Op.INFER:
+                    self.batcher.add(job)
+                else:
+                    self._admin(replies, job)
         elif kind == "cancel":
             session, rid = value
             if self.batcher.cancel(session, rid):

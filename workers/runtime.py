@@ -111,7 +111,7 @@ class WorkerRuntime:
             service_times=self.service_times,
             log=log,
             session=lambda: link.session,
-            outbox=lambda: Outbox(self._context, address),
+            outbox=lambda: Outbox(self._context, address, link.mailbox),
         )
         self._compute = ComputeLoop(ctx, self._inbox, batcher, self._encode_q, encode_slots)
         self._encode = EncodeLoop(ctx, self._encode_q, encode_slots, config.jpeg_quality)

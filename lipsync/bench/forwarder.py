@@ -4,7 +4,7 @@ The reference is a minimal credit-based forwarder: a ROUTER facing clients, a RO
 workers, one loop that gives each request to the worker with the most free credits (queued
 when none has any), rewrites the request id in the small msgpack header both ways (as any
 broker must, to tell clients' ids apart) and passes payload frames through untouched. It
-sends and receives with the broker's own frame functions (``broker.wire``), so that the
+sends and receives with the broker's own frame functions (``shared.zmqwire``), so that the
 ratio prices the broker's logic, not a difference in how the two call ZeroMQ. No
 deadlines, heartbeats, re-dispatch, warm-up, bounds or stats: what the real broker does
 beyond it is what the ratio prices.
@@ -33,8 +33,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from broker.wire import recv_parts, send_parts
 from shared.envelope import Heartbeat, Kind, Ready, Reply, Request, decode, encode
+from shared.zmqwire import recv_parts, send_parts
 
 
 __all__ = ["main", "serve_echo", "serve_forwarder", "drive"]

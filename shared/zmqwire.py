@@ -1,5 +1,6 @@
-"""Multipart send and receive on the broker's ROUTER sockets, without pyzmq's per-call
-conveniences.
+"""Multipart send and receive on ZeroMQ sockets, without pyzmq's per-call conveniences:
+the two calls every process makes on the sockets it owns (this module owns none, and runs
+no loop).
 
 At the broker's ceiling its own Python is a small part of a request's cost; ZeroMQ calls
 are most of the rest, and of those a good share is pyzmq's sugar around them, paid per
