@@ -168,8 +168,7 @@ class Connection:
     async def _send(self, data: bytes | str, kind: str) -> None:
         await self.ws.send(data)
         size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
-        self.metrics.bytes_out.inc(size)
-        self.metrics.messages_out.labels(kind).inc()
+        self.metrics.sent(kind, size)
 
     # -- output ------------------------------------------------------------------------
 
@@ -222,9 +221,8 @@ class Connection:
     def _done(self, op: str, outcome: str, t0: float, *, broker: bool = True) -> float:
         """Count an answered request; its processing time in ms."""
         elapsed = time.monotonic() - t0
-        self.metrics.requests.labels(op, outcome).inc()
+        self.metrics.answered(op, outcome, elapsed if broker else None)
         if broker:
-            self.metrics.latency.labels(op).observe(elapsed)
             self.ctx.totals.answered += 1
             self.ctx.totals.time_ms += elapsed * 1000
         return elapsed * 1000
