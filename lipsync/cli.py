@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default the first listed)")
     p.add_argument("--token", default=None, help="bearer token (LIPSYNC_TOKEN)")
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    p.add_argument(
+        "--frames-per-request", type=int, default=0, help="streams: frames per worker request"
+    )
     p.add_argument("--pids", help="comma list of pids to sample (default: scan)")
     p.add_argument("--json", help="write the report here too")
     p.add_argument("--suite", action="store_true", help="start a system and run the suite")

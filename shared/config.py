@@ -122,6 +122,9 @@ class StreamConfig:
     # raw full frames for composite-mode idle frames, all models
     idle_cache_items: int = field(default=64, metadata=_stream_env("idle_cache_items"))
     idle_cache_bytes: int = field(default=32 << 20, metadata=_stream_env("idle_cache_bytes"))
+    # consecutive frames one worker request asks for, unless stream_start says (1..8):
+    # fewer messages per frame, each frame issued up to (n - 1) frame times later
+    frames_per_request: int = field(default=1, metadata=_stream_env("frames_per_request"))
 
 
 def from_env(cls: type[_C], env: Mapping[str, str] | None = None, **overrides: Any) -> _C:

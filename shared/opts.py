@@ -16,10 +16,12 @@ from typing import Any
 from shared.errors import ErrorCode, ServiceError
 
 
-__all__ = ["MODES", "AdminOpts", "InferOpts", "VideoFrameOpts"]
+__all__ = ["MAX_FRAMES_PER_REQUEST", "MODES", "AdminOpts", "InferOpts", "VideoFrameOpts"]
 
 MODES = ("crop", "composite")
 MAX_STREAM_KEY = 128
+MAX_FRAMES_PER_REQUEST = 8
+"""The most consecutive stream frames one request may ask for (``InferOpts.more_frames``)."""
 
 
 def _bad(message: str) -> ServiceError:
@@ -51,6 +53,10 @@ class InferOpts:
     stream: str | None = None
     stream_frame: int = 0
     audio_t0_ms: float | None = None
+    more_frames: tuple[int, ...] = ()
+    """A stream's request for several consecutive frames: the avatar frame ids of stream
+    frames ``stream_frame + 1 ...`` (the request's own ``frame`` is the first), all cut
+    from the one clip, answered with one image per frame in one reply."""
 
     def to_map(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode}
@@ -63,6 +69,8 @@ class InferOpts:
         if self.audio_t0_ms is not None:
             out["stream_frame"] = self.stream_frame
             out["audio_t0_ms"] = self.audio_t0_ms
+        if self.more_frames:
+            out["more_frames"] = list(self.more_frames)
         return out
 
     @classmethod
@@ -83,6 +91,17 @@ class InferOpts:
                 raise _bad("audio_t0_ms must be a number")
             if not isinstance(j, int) or isinstance(j, bool) or j < 0:
                 raise _bad("stream_frame must be an int >= 0")
+        more = opts.get("more_frames", ())
+        if more and (
+            t0 is None
+            or not isinstance(more, list | tuple)
+            or len(more) >= MAX_FRAMES_PER_REQUEST
+            or not all(_int(f) and f >= 0 for f in more)
+        ):
+            raise _bad(
+                f"more_frames must be a stream request's list of at most "
+                f"{MAX_FRAMES_PER_REQUEST - 1} frame ids"
+            )
         return cls(
             mode=mode,
             quality=_quality(opts.get("quality")),
@@ -90,6 +109,7 @@ class InferOpts:
             stream=stream,
             stream_frame=j if isinstance(j, int) and t0 is not None else 0,
             audio_t0_ms=float(t0) if t0 is not None else None,
+            more_frames=tuple(int(f) for f in more),
         )
 
 

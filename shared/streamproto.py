@@ -22,6 +22,7 @@ from typing import Any, TypeGuard
 
 from shared.browser import dumps, stream_error_message, valid_model_name
 from shared.errors import WireFormatError
+from shared.opts import MAX_FRAMES_PER_REQUEST
 from shared.streamtime import SUPPORTED_RATES
 
 
@@ -246,6 +247,7 @@ class StreamStart:
     mode: str = "crop"
     quality: int = DEFAULT_QUALITY
     stream: int | None = None  # None: the gateway assigns one
+    frames_per_request: int | None = None  # None: the gateway's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +318,12 @@ def parse_stream_request(message: Mapping[str, Any]) -> StreamRequest:
             quality = DEFAULT_QUALITY
         if not _is_int(quality) or not 1 <= quality <= 100:
             raise StreamProtocolError("quality must be an integer 1..100")
-        return StreamStart(name, int(rate), str(mode), int(quality), stream)
+        per = message.get("frames_per_request")
+        if per is not None and (not _is_int(per) or not 1 <= per <= MAX_FRAMES_PER_REQUEST):
+            raise StreamProtocolError(
+                f"frames_per_request must be an integer 1..{MAX_FRAMES_PER_REQUEST}"
+            )
+        return StreamStart(name, int(rate), str(mode), int(quality), stream, per)
     except StreamProtocolError as exc:
         if exc.stream is None:
             exc.stream = known
@@ -340,20 +347,22 @@ def stream_started_message(
     mode: str,
     lookahead_ms: int,
     bounds: Sequence[float],
+    frames_per_request: int = 1,
 ) -> str:
-    return _dumps(
-        {
-            "type": "stream_started",
-            "stream": stream,
-            "model_name": model_name,
-            "fps": fps,
-            "frame_count": frame_count,
-            "sample_rate": sample_rate,
-            "mode": mode,
-            "lookahead_ms": lookahead_ms,
-            "bounds": [float(b) for b in bounds],
-        }
-    )
+    message: dict[str, Any] = {
+        "type": "stream_started",
+        "stream": stream,
+        "model_name": model_name,
+        "fps": fps,
+        "frame_count": frame_count,
+        "sample_rate": sample_rate,
+        "mode": mode,
+        "lookahead_ms": lookahead_ms,
+        "bounds": [float(b) for b in bounds],
+    }
+    if frames_per_request > 1:
+        message["frames_per_request"] = frames_per_request
+    return _dumps(message)
 
 
 def stream_ended_message(*, stream: int, frames: int, idle_frames: int, dropped: int) -> str:

@@ -192,3 +192,56 @@ def test_engine_serves_stream_frames_through_the_row_cache(tiny_package):
     assert np.abs(warm_out[0].astype(int) - cold_out.astype(int)).max() <= 1
     warm.close()
     cold.close()
+
+
+def test_several_frames_from_one_clip_equal_one_clip_each(tiny_package):
+    """A stream request for frames j..j+3 (one clip, ``InferOpts.more_frames``), expanded
+    by the worker (``workers.jobs.further_items``), renders what four requests of one
+    frame each render (within a grey level: batch rounding)."""
+    from shared.envelope import Request
+    from shared.opts import InferOpts
+    from shared.streamtime import clip_samples
+    from workers.backend import InferItem
+    from workers.engine import TorchBackend
+    from workers.jobs import job_from_request
+
+    stream = speechlike(1.5, SAMPLE_RATE, seed=3)
+    j, n = 11, 4
+    start, _ = clip_samples(j, FPS, SAMPLE_RATE)
+    _, end = clip_samples(j + n - 1, FPS, SAMPLE_RATE)
+    clip = stream[start:end].astype("<i2").tobytes()
+    frame_ids = [(j + i) % 16 for i in range(n)]
+    opts = InferOpts(
+        mode="crop",
+        audio_sr=SAMPLE_RATE,
+        stream="g",
+        stream_frame=j,
+        audio_t0_ms=clip_t0_ms(j, FPS, SAMPLE_RATE),
+        more_frames=tuple(frame_ids[1:]),
+    )
+    request = Request(id=1, op="infer", model="tiny", frame=frame_ids[0], opts=opts.to_map())
+    job = job_from_request(request, [clip], 0.0, 0, 85, fps=FPS)
+    assert [it.stream_frame for it in job.items] == [j, j + 1, j + 2, j + 3]
+    assert [it.frame_id for it in job.items] == frame_ids
+
+    def single(k: int) -> InferItem:
+        return InferItem(
+            frame_id=(j + k) % 16,
+            mode="crop",
+            audio=cut(stream, j + k, SAMPLE_RATE),
+            audio_sr=SAMPLE_RATE,
+            audio_t0_ms=clip_t0_ms(j + k, FPS, SAMPLE_RATE),
+            stream=None,
+            stream_frame=j + k,
+        )
+
+    backend = TorchBackend(tiny_package, device="cpu", max_batch=4)
+    backend.load("tiny")
+    try:
+        grouped = backend.render(backend.forward("tiny", job.items))
+        alone = [backend.render(backend.forward("tiny", [single(k)]))[0] for k in range(n)]
+    finally:
+        backend.close()
+    for g, a in zip(grouped, alone, strict=True):
+        assert isinstance(g, np.ndarray) and isinstance(a, np.ndarray)
+        assert np.abs(g.astype(int) - a.astype(int)).max() <= 1

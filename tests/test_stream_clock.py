@@ -463,3 +463,59 @@ def test_failed_frames_are_dropped_at_once(code, ttl_ms, why):
     d = clock.decide(0.0, 0, frame)
     assert (d.act, d.why) == (Act.DROP, why) and not clock.running
     assert clock.window == (4.0 if why is Why.TOO_LATE else 8.0)
+
+
+def test_a_request_for_several_frames_waits_for_them_and_carries_them():
+    """``frames_per_request`` 4: frame j is issued only once frame j+3's audio is in, with
+    frames j..j+3 in one request (one clip from j's start to j+3's end, the others' avatar
+    frames in ``more_frames``); an idle frame ends a group; the stop cuts the last one.
+    Frames run that much further behind the audio (``lookahead_ms``)."""
+    single = StreamCore(StreamConfig(), sample_rate=SR, mode="crop")
+    core = StreamCore(StreamConfig(), sample_rate=SR, mode="crop", frames_per_request=4)
+    for c in (single, core):
+        c.open(MODEL)
+    assert core.lookahead_ms == single.lookahead_ms + math.ceil(3 * 1000 / FPS)
+    for k in range(16):  # frame 0's clip is in (chunk 13), frame 3's not yet (chunk 16)
+        core.feed(LOUD, k / FPS)
+    assert core.issue_next(1.0) is None
+    core.feed(LOUD, 16 / FPS)
+    first = core.issue_next(1.0)
+    assert first is not None and first.kind is Kind.INFER
+    assert first.group is not None and [f.j for f in first.group] == [0, 1, 2, 3]
+    assert all(f.group is first.group for f in first.group)
+    assert core.next_issue == 4 and core.clock.inferring == 4
+    opts = core.infer_opts(first, key="s", quality=80)
+    assert opts["stream_frame"] == 0
+    assert opts["more_frames"] == [walk_frame(j, MODEL.frame_count) for j in (1, 2, 3)]
+    start, _ = clip_samples(0, FPS, SR)
+    _, end = clip_samples(3, FPS, SR)
+    assert len(core.clip(first)) == 2 * (end - start)
+    core.inference_ended(4)
+    assert core.clock.inferring == 0
+    # the speech ends, then the stream stops: every frame once, groups of speaking frames
+    # only (at most 4, consecutive), idle frames on their own
+    for k in range(17, 40):
+        core.feed(QUIET, k / FPS)
+    core.stop()
+    issued = []
+    while (frame := core.issue_next(2.0)) is not None:
+        issued.append(frame)
+        if frame.group is not None:
+            core.inference_ended(len(frame.group))
+            core.next_send = frame.group[-1].j + 1  # as if sent: room within max_ahead
+        else:
+            core.next_send = frame.j + 1
+    covered = [f.j for fr in issued for f in (fr.group or [fr])]
+    assert covered == list(range(4, core.final or 0))
+    groups = [fr.group for fr in issued if fr.group is not None]
+    assert groups and all(1 <= len(g) <= 4 for g in groups)
+    assert all(not f.idle for g in groups for f in g)
+    idle = [fr for fr in issued if fr.group is None]
+    assert idle and all(fr.kind is Kind.IDLE for fr in idle)
+
+
+def test_frames_per_request_is_bounded():
+    with pytest.raises(ValueError):
+        StreamCore(StreamConfig(), sample_rate=SR, mode="crop", frames_per_request=9)
+    with pytest.raises(ValueError):
+        StreamCore(StreamConfig(frames_per_request=0), sample_rate=SR, mode="crop")

@@ -388,3 +388,44 @@ async def test_frames_that_would_be_ready_too_late_are_not_computed(processes, t
     )
     assert events.get("too_late", 0) >= 1
     assert served >= 30 and discarded <= served / 8
+
+
+async def test_a_stream_asking_for_four_frames_per_request(null_system):
+    """``frames_per_request`` 4: the same frames as one at a time (in order, on the walk,
+    each its own image), from about a quarter of the requests; the stream says its larger
+    lookahead."""
+    system = null_system
+    audio = speechlike(3.0, RATE, seed=5)
+    before = system.events().get("inferred", 0)
+    async with client(system) as c:
+        rec = await c.start(3, "m11", frames_per_request=4)
+        assert rec.started is not None
+        assert rec.started["frames_per_request"] == 4
+        assert rec.started["lookahead_ms"] == lookahead_ms(25, 16000) + 120
+        await c.push(3, audio)
+        await c.stop(3)
+    ended = rec.ended
+    frames = [f for _, f in rec.frames]
+    expected = frames_in(len(audio), 25, RATE)
+    assert ended is not None and ended["type"] == "stream_ended", ended
+    assert ended["frames"] + ended["dropped"] == expected
+    assert len(frames) >= expected * 0.8
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(set(seqs))
+    assert all(f.frame_id == walk_frame(f.seq, 11) for f in frames)
+    spoken = [f for f in frames if not f.idle]
+    assert spoken and all(f.image[:2] == b"\xff\xd8" for f in spoken)
+    requests = system.events()["inferred"] - before
+    print(f"\n4 frames per request: {len(spoken)} spoken frames from {requests:.0f} requests")
+    assert requests <= len(spoken) / 3  # about a quarter (groups end at pauses and the stop)
+
+
+async def test_frames_per_request_out_of_range_is_refused(null_system):
+    async with client(null_system) as c:
+        rec = c._stream(4)
+        start = {"type": "stream_start", "model_name": "m11", "stream": 4}
+        await c.ws.send(json.dumps({**start, "frames_per_request": 9}))
+        await wait_for(lambda: rec.ended, what="the refusal")
+    assert rec.started is None and rec.ended is not None
+    assert rec.ended["code"] == "bad_request"
+    assert rec.ended["error"] == "frames_per_request must be an integer 1..8"

@@ -16,7 +16,7 @@ from shared.opts import InferOpts
 from workers.backend import InferItem
 
 
-__all__ = ["Job", "infer_item", "job_from_request"]
+__all__ = ["Job", "further_items", "infer_item", "job_from_request"]
 
 
 @dataclass(eq=False, slots=True)
@@ -33,13 +33,26 @@ class Job:
     session: int
     item: InferItem | None = None
     payload: list[bytes] = field(default_factory=list)
+    more: list[InferItem] = field(default_factory=list)  # a stream's further frames
+
+    @property
+    def items(self) -> list[InferItem]:
+        """Every frame this job asks for, in order (one, unless a stream asked for more)."""
+        return [self.item, *self.more] if self.item is not None else []
 
 
 def job_from_request(
-    h: Request, payload: list[bytes], now: float, session: int, jpeg_quality: int
+    h: Request,
+    payload: list[bytes],
+    now: float,
+    session: int,
+    jpeg_quality: int,
+    fps: float = 25.0,
 ) -> Job:
     """The job for request ``h`` received at ``now`` (its deadline: ``now`` + its ttl) in
-    ``session``; an ``infer`` gets its ``InferItem``. Raises ServiceError (bad_request)."""
+    ``session``; an ``infer`` gets its ``InferItem`` (and, for a stream request for
+    several frames, one more per further frame: ``fps`` is the model's, which places each
+    further frame's time in the shared clip). Raises ServiceError (bad_request)."""
     job = Job(
         h.id,
         h.op,
@@ -53,7 +66,31 @@ def job_from_request(
     )
     if h.op == Op.INFER:
         job.item = infer_item(h, payload, jpeg_quality)
+        job.more = further_items(job.item, InferOpts.from_map(h.opts).more_frames, fps)
     return job
+
+
+def further_items(first: InferItem, frame_ids: tuple[int, ...], fps: float) -> list[InferItem]:
+    """Stream frames ``first.stream_frame + 1 ...`` showing avatar frames ``frame_ids``, from
+    ``first``'s clip: frame ``j + i`` starts ``i`` frame times later than frame ``j``, so
+    the clip's start lies that much further before it."""
+    if not frame_ids or first.audio_t0_ms is None:
+        return []
+    step_ms = 1000.0 / fps
+    return [
+        InferItem(
+            frame_id=frame_id,
+            mode=first.mode,
+            quality=first.quality,
+            audio=first.audio,
+            audio_sr=first.audio_sr,
+            tag=first.tag,
+            audio_t0_ms=first.audio_t0_ms - i * step_ms,
+            stream=first.stream,
+            stream_frame=first.stream_frame + i,
+        )
+        for i, frame_id in enumerate(frame_ids, start=1)
+    ]
 
 
 def infer_item(h: Request, payload: list[bytes], jpeg_quality: int) -> InferItem:

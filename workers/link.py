@@ -299,7 +299,8 @@ class BrokerLink:
                 raise ServiceError(ErrorCode.UNKNOWN_MODEL, f"model {h.model!r} is not loaded here")
             if self._held >= 2 * self.capacity + 8:  # the broker keeps to capacity; be safe
                 raise ServiceError(ErrorCode.OVERLOADED, "worker is full")
-            job = job_from_request(h, payload, now, self.session, self.config.jpeg_quality)
+            fps = _fps(self._models.get(h.model))
+            job = job_from_request(h, payload, now, self.session, self.config.jpeg_quality, fps)
         except ServiceError as exc:
             self.counters.add("errors")
             self._answer_error(sock, h.id, exc.code, exc.message)
@@ -357,3 +358,9 @@ def _send(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
         send_parts(sock, frames)
     except zmq.Again:
         logger.debug("send to broker would block; message dropped")
+
+
+def _fps(meta: dict[str, Any] | None) -> float:
+    """A loaded model's frame rate, as READY announces it (25 when it does not say)."""
+    fps = meta.get("fps") if meta else None
+    return float(fps) if isinstance(fps, int | float) and fps > 0 else 25.0

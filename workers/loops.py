@@ -158,7 +158,7 @@ class ComputeLoop:
         ctx = self.ctx
         model, jobs = batch
         started = time.monotonic()
-        items = [job.item for job in jobs if job.item is not None]
+        items = [item for job in jobs for item in job.items]
         try:
             forwarded = ctx.backend.forward(model, items)
         except Exception as exc:
@@ -244,21 +244,28 @@ class EncodeLoop:
         now = time.monotonic()
         ctx.service_times.record(model, len(jobs), now - started)
         out, worker_id = replies.out, ctx.worker_id
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, BaseException):
-                replies.fail([job], result)
+        at = 0
+        for job in jobs:
+            # one result per frame; a job asked for 1 + len(job.more) frames, in order
+            mine = results[at : at + 1 + len(job.more)]
+            at += len(mine)
+            failed = next((r for r in mine if isinstance(r, BaseException)), None)
+            if failed is not None or not mine:
+                replies.fail([job], failed or RuntimeError("no result"))
                 continue
-            timings = {**batch.timings, **result.timings}
+            done = [r for r in mine if not isinstance(r, BaseException)]
+            first = done[0]
+            timings = {**batch.timings, **first.timings}
             timings["worker"] = round((now - job.received) * 1000, 3)
             timings["batch"] = len(jobs)
             reply = Reply(
                 id=job.rid,
                 worker=worker_id,
                 timings=timings,
-                bounds=[float(b) for b in result.bounds],
-                result={"shape": result.shape},
+                bounds=[float(b) for r in done for b in r.bounds],  # 4 per frame
+                result={"shape": first.shape},
             )
-            out.answer(job.session, reply, [result.jpeg])
+            out.answer(job.session, reply, [r.jpeg for r in done])
             ctx.counters.add("served")
             ctx.model_stats.served(job.model, timings["worker"], now)
 

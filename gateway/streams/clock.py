@@ -85,6 +85,7 @@ class Frame:
     ttl_ms: int = 0  # its request's time to live, when requested
     ready_at: float = 0.0  # when an inferred frame's answer came
     task: Cancellable | None = None  # its request, the stream's business
+    group: list[Frame] | None = None  # a request for several frames: all of them, in order
 
 
 @dataclass(frozen=True, slots=True)

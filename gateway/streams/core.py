@@ -21,7 +21,7 @@ from gateway.streams.audio import AudioBuffer
 from gateway.streams.clock import Act, Decision, Frame, Kind, PlayoutClock, Why
 from shared.config import StreamConfig
 from shared.errors import ErrorCode, ServiceError
-from shared.opts import InferOpts
+from shared.opts import MAX_FRAMES_PER_REQUEST, InferOpts
 from shared.streamtime import (
     clip_samples,
     clip_t0_ms,
@@ -76,10 +76,21 @@ class StreamCore:
     held. Call ``issue_next`` until it answers None after every event that may let frames
     out (audio, a sent or dropped frame, stop); ``decide`` in the pacer."""
 
-    def __init__(self, config: StreamConfig, *, sample_rate: int, mode: str) -> None:
+    def __init__(
+        self,
+        config: StreamConfig,
+        *,
+        sample_rate: int,
+        mode: str,
+        frames_per_request: int | None = None,
+    ) -> None:
         self.config = config
         self.sr = sample_rate
         self.mode = mode
+        per = config.frames_per_request if frames_per_request is None else frames_per_request
+        if not 1 <= per <= MAX_FRAMES_PER_REQUEST:
+            raise ValueError(f"frames_per_request must be 1..{MAX_FRAMES_PER_REQUEST}")
+        self.per_request = per
         self.audio = AudioBuffer()
         self.clock = PlayoutClock(config)
         self.model: ModelInfo | None = None
@@ -106,7 +117,10 @@ class StreamCore:
 
     @property
     def lookahead_ms(self) -> int:
-        return lookahead_ms(self.clock.fps, self.sr)
+        """How far frames run behind the audio at least: the model's lookahead, plus the
+        wait for the rest of a request's frames when it asks for several."""
+        wait = (self.per_request - 1) * 1000 / self.clock.fps if self.clock.fps else 0.0
+        return lookahead_ms(self.clock.fps, self.sr) + math.ceil(wait)
 
     def feed(self, pcm: bytes, now: float) -> ServiceError | None:
         """One chunk of audio that arrived at ``now``; the error that ends the stream if it
@@ -163,9 +177,10 @@ class StreamCore:
             frame.ready_at = now
             self.failures_in_a_row = 0
 
-    def inference_ended(self) -> None:
-        """An ``infer`` request is no longer in flight (answered, failed or cancelled)."""
-        self.clock.inferring -= 1
+    def inference_ended(self, frames: int = 1) -> None:
+        """An ``infer`` request for ``frames`` frames is no longer in flight (answered,
+        failed or cancelled)."""
+        self.clock.inferring -= frames
 
     @property
     def finished(self) -> bool:
@@ -205,6 +220,16 @@ class StreamCore:
             frame.kind = Kind.IDLE if self.mode == "crop" else Kind.FETCH
         elif not self.clock.may_infer():
             frame.kind = Kind.SKIP
+        elif self.per_request > 1:
+            group = self._group(frame, now)
+            if group is None:
+                return None  # the frames after it are not in yet: they go together
+            self.clock.inferring += len(group)
+            frame.ttl_ms = self.clock.frame_ttl_ms(j, now)
+            for member in group:
+                self.frames[member.j] = member
+            self.next_issue = j + len(group)
+            return frame
         else:
             self.clock.inferring += 1
             frame.ttl_ms = self.clock.frame_ttl_ms(j, now)
@@ -212,9 +237,48 @@ class StreamCore:
         self.next_issue = j + 1
         return frame
 
+    def _group(self, first: Frame, now: float) -> list[Frame] | None:
+        """``first`` and the frames after it that one request will ask for: up to
+        ``per_request`` consecutive speaking frames, within ``max_ahead`` and the stop; None
+        while the audio of a frame that would belong is not in yet (so that they go
+        together)."""
+        model = self.model
+        assert model is not None
+        fps, sr = model.fps, self.sr
+        group = [first]
+        first.group = group
+        room = self.config.max_ahead - (first.j - self.next_send)
+        last = first.j + min(self.per_request, room) - 1
+        if self.final is not None:
+            last = min(last, self.final - 1)
+        for j in range(first.j + 1, last + 1):
+            end = clip_samples(j, fps, sr)[1]
+            if end > self.audio.end:
+                return None
+            lo, hi = energy_window(j, fps, sr)
+            if self.audio.quieter_than(lo, hi, self.config.silence_dbfs):
+                break  # an idle frame ends the group (it needs no inference)
+            seq = self.seq_base + j
+            group.append(
+                Frame(
+                    j=j,
+                    seq=seq,
+                    frame_id=walk_frame(seq, model.frame_count),
+                    audio_ms=round(frame_time_ms(j, fps)),
+                    arrival=self.audio.arrival(end),
+                    idle=False,
+                    group=group,
+                )
+            )
+        return group
+
     def clip(self, frame: Frame) -> bytes:
-        """The PCM an ``infer`` request for ``frame`` carries."""
-        return self.audio.slice(*self._clip_span(frame.j))
+        """The PCM an ``infer`` request for ``frame`` carries (for a group, from the first
+        frame's clip start to the last one's end)."""
+        start, end = self._clip_span(frame.j)
+        if frame.group is not None and len(frame.group) > 1:
+            end = clip_samples(frame.group[-1].j, self.clock.fps, self.sr)[1]
+        return self.audio.slice(start, end)
 
     def _clip_span(self, j: int) -> tuple[int, int]:
         """``clip_samples(j)``, remembered for the last ``j`` asked: the pump asks for the
@@ -227,6 +291,7 @@ class StreamCore:
     def infer_opts(self, frame: Frame, *, key: str, quality: int) -> dict[str, Any]:
         """The ``opts`` of ``frame``'s ``infer`` request (docs/streams.md, "Internal"): the
         stream key is new with each epoch, since audio time restarts."""
+        more = tuple(f.frame_id for f in frame.group[1:]) if frame.group else ()
         return InferOpts(
             mode=self.mode,
             quality=quality,
@@ -234,6 +299,7 @@ class StreamCore:
             stream=f"{key}.{self.epoch}",
             stream_frame=frame.j,
             audio_t0_ms=clip_t0_ms(frame.j, self.clock.fps, self.sr),
+            more_frames=more,
         ).to_map()
 
     # -- the pacer -----------------------------------------------------------------------

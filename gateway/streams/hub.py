@@ -13,6 +13,7 @@ from gateway.streams.metrics import StreamMetrics
 from gateway.streams.stream import Stream
 from gateway.streams.streamset import StreamSet
 from shared.config import StreamConfig, from_env
+from shared.opts import MAX_FRAMES_PER_REQUEST
 
 
 if TYPE_CHECKING:
@@ -30,6 +31,11 @@ class StreamHub:
         self, config: StreamConfig | None = None, *, registry: CollectorRegistry | None = None
     ) -> None:
         self.config = config if config is not None else from_env(StreamConfig)
+        if not 1 <= self.config.frames_per_request <= MAX_FRAMES_PER_REQUEST:
+            raise ValueError(
+                f"LIPSYNC_STREAM_FRAMES_PER_REQUEST must be 1..{MAX_FRAMES_PER_REQUEST}, "
+                f"not {self.config.frames_per_request}"
+            )
         self.metrics = StreamMetrics(registry)
         metrics = self.metrics
         self.idle_frames = IdleFrames(

@@ -65,7 +65,12 @@ class Stream:
         self.metrics = metrics
         self.idle_frames = idle_frames
         self.on_closed = on_closed
-        self.core = StreamCore(config, sample_rate=start.sample_rate, mode=start.mode)
+        self.core = StreamCore(
+            config,
+            sample_rate=start.sample_rate,
+            mode=start.mode,
+            frames_per_request=start.frames_per_request,
+        )
         self.state = "starting"  # starting | running | stopping | closed
         self.closing = False  # ending now: failed or cancelled (a stop is not an end yet)
         self._error: ServiceError | None = None  # why it failed: the pacer says so
@@ -194,6 +199,7 @@ class Stream:
                 mode=self.mode,
                 lookahead_ms=self.core.lookahead_ms,
                 bounds=info.bounds,
+                frames_per_request=self.core.per_request,
             )
         )
         if self._stop_requested:
@@ -233,7 +239,9 @@ class Stream:
     def _drop(self, decision: Decision) -> None:
         frame = decision.frame
         assert frame is not None
-        if frame.task is not None and not frame.task.done():
+        # a request for several frames goes on for the others (they may still be in time)
+        alone = frame.group is None or len(frame.group) == 1
+        if alone and frame.task is not None and not frame.task.done():
             frame.task.cancel()
         if decision.act is Act.FAIL:
             assert frame.failed is not None
@@ -273,6 +281,7 @@ class Stream:
     async def _infer(self, frame: Frame, clip: bytes) -> None:
         t0 = time.monotonic()
         core = self.core
+        group = frame.group or [frame]
         try:
             answer = await self.request(
                 "infer",
@@ -286,16 +295,22 @@ class Stream:
             assert core.model is not None
             composite = self.mode == "composite"
             us = (now - t0) * 1e6
-            data = inferred_frame(
-                self.sid, frame, answer, composite=composite, model=core.model, us=us
-            )
-            core.ready(frame, data, now)
+            data = [
+                inferred_frame(
+                    self.sid, f, answer, composite=composite, model=core.model, us=us, index=i
+                )
+                for i, f in enumerate(group)
+            ]
+            for f, tagged in zip(group, data, strict=True):
+                core.ready(f, tagged, now)
         except ServiceError as exc:
-            frame.failed = exc
+            for f in group:
+                f.failed = exc
         except (TypeError, ValueError):
-            frame.failed = ServiceError(ErrorCode.INTERNAL, "answer with bad bounds")
+            for f in group:
+                f.failed = ServiceError(ErrorCode.INTERNAL, "answer with bad bounds")
         finally:
-            core.inference_ended()
+            core.inference_ended(len(group))
             self._changed.set()
 
     async def _idle_composite(self, frame: Frame) -> None:

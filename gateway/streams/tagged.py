@@ -29,17 +29,27 @@ def idle_frame(sid: int, frame: Frame, model: ModelInfo, jpeg: bytes | None = No
 
 
 def inferred_frame(
-    sid: int, frame: Frame, answer: Answer, *, composite: bool, model: ModelInfo, us: float
+    sid: int,
+    frame: Frame,
+    answer: Answer,
+    *,
+    composite: bool,
+    model: ModelInfo,
+    us: float,
+    index: int = 0,
 ) -> bytes:
-    """A worker's answer to frame ``frame`` after ``us`` µs: ServiceError (``internal``)
-    when it has no image, TypeError or ValueError when its bounds are unreadable. Bounds are
-    the face rectangle the worker pasted into, the model's when it names none."""
-    if not answer.payload:
+    """A worker's answer to frame ``frame`` after ``us`` µs (``index``: the frame's place
+    in a request for several, whose answer holds one image and four bounds per frame):
+    ServiceError (``internal``) when it has no image for it, TypeError or ValueError when
+    its bounds are unreadable. Bounds are the face rectangle the worker pasted into, the
+    model's when it names none."""
+    if len(answer.payload) <= index:
         raise ServiceError(ErrorCode.INTERNAL, "answer without an image")
     header = answer.header
-    x1, y1, x2, y2 = (float(b) for b in header.bounds or model.bounds)
+    bounds = header.bounds[4 * index : 4 * index + 4] if header.bounds else model.bounds
+    x1, y1, x2, y2 = (float(b) for b in bounds)
     flags = FLAG_COMPOSITE if composite else 0
-    image = bytes(answer.payload[0])
+    image = bytes(answer.payload[index])
     return _encode(sid, frame, flags, (x1, y1, x2, y2), image, round(us), header.worker)
 
 

@@ -61,6 +61,7 @@ class Plan:
     drain_s: float = 4.0
     token: str = ""
     deflate: bool = False
+    frames_per_request: int = 0  # streams: 0 = the gateway's default
     b_track: np.ndarray | None = None  # 24 kHz int16
     stream_track: np.ndarray | None = None  # 16 kHz int16
     _b_cache: dict[int, bytes] = field(default_factory=dict)
@@ -218,6 +219,8 @@ async def _stream(index: int, ws: ClientConnection, plan: Plan, rec: Recorder) -
         "mode": "crop",
         "stream": sid,
     }
+    if plan.frames_per_request:
+        start["frames_per_request"] = plan.frames_per_request
     await ws.send(json.dumps(start))
     async with asyncio.timeout(30):
         while True:

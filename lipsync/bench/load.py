@@ -49,6 +49,7 @@ class LoadConfig:
     model: str = ""
     token: str = ""
     deflate: bool = False
+    frames_per_request: int = 0  # streams: 0 = the gateway's default
     pids: tuple[int, ...] = ()
     scan: bool = True  # find the system's processes when no pids are given
 
@@ -107,6 +108,7 @@ async def measure(cfg: LoadConfig, procs: list[Proc] | None = None) -> dict[str,
         drain_s=cfg.drain,
         token=cfg.token,
         deflate=cfg.deflate,
+        frames_per_request=cfg.frames_per_request,
     )
     plan.model, plan.frame_count = await describe(plan, cfg.model)
     if cfg.mode == "stream":
@@ -183,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         model=args.model or "",
         token=args.token or os.environ.get("LIPSYNC_TOKEN", ""),
         deflate=args.deflate,
+        frames_per_request=getattr(args, "frames_per_request", 0) or 0,
         pids=pids,
     )
 

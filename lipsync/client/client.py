@@ -352,11 +352,15 @@ class LipsyncClient:
         *,
         quality: int | None = None,
         timeout: float | None = None,
+        frames_per_request: int | None = None,
     ) -> Stream:
         """Start a server-driven stream (docs/streams.md): ``await s.push(pcm)`` audio as
         it comes, ``async for frame in s.frames()``, then ``await s.stop()`` (or
         ``interrupt()`` to drop what is queued). Frames run about ``s.info.lookahead_ms``
-        behind the audio: the model needs that much audio after a frame's time."""
+        behind the audio: the model needs that much audio after a frame's time.
+        ``frames_per_request`` (1..8): how many consecutive frames each worker request
+        asks for (fewer messages for a busy deployment; each frame is issued up to that
+        many frame times later, which ``lookahead_ms`` includes)."""
         _check_name(name)
         if mode not in MODES:
             raise ValueError("mode must be crop or composite")
@@ -381,6 +385,8 @@ class LipsyncClient:
         }
         if quality is not None:
             message["quality"] = quality
+        if frames_per_request is not None:
+            message["frames_per_request"] = frames_per_request
         try:
             await self._send(ws, json.dumps(message))
             await stream._wait_started(timeout or self.timeout)
