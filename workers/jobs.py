@@ -7,7 +7,7 @@ once, so a bad option never reaches a batch and never fails its batch-mates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.envelope import Op, Request
@@ -65,8 +65,9 @@ def job_from_request(
         payload=payload,
     )
     if h.op == Op.INFER:
-        job.item = infer_item(h, payload, jpeg_quality)
-        job.more = further_items(job.item, InferOpts.from_map(h.opts).more_frames, fps)
+        opts = InferOpts.from_map(h.opts)
+        job.item = infer_item(h, opts, payload, jpeg_quality)
+        job.more = further_items(job.item, opts.more_frames, fps)
     return job
 
 
@@ -78,26 +79,20 @@ def further_items(first: InferItem, frame_ids: tuple[int, ...], fps: float) -> l
         return []
     step_ms = 1000.0 / fps
     return [
-        InferItem(
+        replace(
+            first,
             frame_id=frame_id,
-            mode=first.mode,
-            quality=first.quality,
-            audio=first.audio,
-            audio_sr=first.audio_sr,
-            tag=first.tag,
             audio_t0_ms=first.audio_t0_ms - i * step_ms,
-            stream=first.stream,
             stream_frame=first.stream_frame + i,
         )
         for i, frame_id in enumerate(frame_ids, start=1)
     ]
 
 
-def infer_item(h: Request, payload: list[bytes], jpeg_quality: int) -> InferItem:
-    """The frame an ``infer`` request asks for, its options checked (``shared.opts``;
-    ``jpeg_quality``: the worker's default). Raises ServiceError (bad_request) naming the
-    option at fault."""
-    opts = InferOpts.from_map(h.opts)
+def infer_item(h: Request, opts: InferOpts, payload: list[bytes], jpeg_quality: int) -> InferItem:
+    """The frame an ``infer`` request asks for (``opts``: its options, already checked by
+    ``InferOpts.from_map``, which raises ServiceError (bad_request) naming the option at
+    fault; ``jpeg_quality``: the worker's default)."""
     audio = payload[0] if payload else None
     item = InferItem(
         frame_id=h.frame,
